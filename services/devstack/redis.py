@@ -1,0 +1,73 @@
+"""A private redis-server on loopback, persistence off unless asked (tests) or AOF on (embedded default)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    """Block until ``host:port`` accepts TCP connections; TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port}") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class RedisServer:
+    """``redis-server`` under ``root`` on ``127.0.0.1:port``. ``appendonly`` keeps streams across restarts."""
+
+    root: Path
+    port: int
+    appendonly: bool = False
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start and wait until the port answers. Raises FileNotFoundError when redis-server is missing."""
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise FileNotFoundError("redis-server not found (apt-get install redis-server)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root), "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "no",
+                "--logfile", str(self.root / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, timeout)
+
+    def stop(self) -> None:
+        """Terminate (SIGTERM) and wait."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (for failure tests)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
