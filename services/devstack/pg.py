@@ -29,6 +29,18 @@ def pg_bindir() -> Path:
     raise FileNotFoundError("no PostgreSQL server found (apt-get install postgresql)")
 
 
+def postgres_can_use(path: Path) -> bool:
+    """True when the server user could create and use ``path`` (always True when not root; as root, every existing
+    ancestor must be searchable by ``postgres`` — e.g. not under a 0700 home directory)."""
+    if os.geteuid() != 0:
+        return True
+    existing = Path(path).resolve()
+    while not existing.exists():
+        existing = existing.parent
+    r = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(existing)], capture_output=True)
+    return r.returncode == 0
+
+
 def _as_pg_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
@@ -75,7 +87,7 @@ class PgCluster:
             return
         self._run([str(pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.root / "postgres.log"),
                    "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "-w", "-t", str(int(timeout)),
-                   "start"])
+                   "start"], start_new_session=True)  # own session: a terminal's Ctrl-C reaches only our supervisor
         deadline = time.monotonic() + timeout
         while True:
             r = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -49,11 +51,33 @@ class RedisServer:
         if not exe:
             raise FileNotFoundError("redis-server not found (apt-get install redis-server)")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._stop_stale()
         args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root), "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "no",
-                "--logfile", str(self.root / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                "--logfile", str(self.root / "redis.log"), "--pidfile", str(self.pidfile)]
+        # Own session: a terminal's Ctrl-C reaches only the supervisor, which stops Redis last, in order.
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         wait_port(self.port, timeout)
+
+    @property
+    def pidfile(self) -> Path:
+        """Where redis-server writes its pid (used to stop a server left behind by a killed supervisor)."""
+        return self.root / "redis.pid"
+
+    def _stop_stale(self) -> None:
+        """SIGTERM a redis-server still running from an earlier start under the same ``root`` (crashed parent)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" not in cmdline:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """Terminate (SIGTERM) and wait."""

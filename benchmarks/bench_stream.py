@@ -1,0 +1,390 @@
+"""Stream fan-out benchmark: one ``python -m services.stream`` process, subscribers ramped in several client
+processes with realistic filters, while the real NIFTY day of 18 Aug 2026 is published as 1-minute BarUpdates at
+60× speed (one minute of data per second, cycling the 288 minutes).
+
+Results:
+  - ``stream.subscribers_max``: the highest ramp level at which every subscriber got its snapshot, every
+    subscriber received updates during the phase and the p99 latency stayed ≤ 1 s.
+  - ``stream.rss_mib_at_5000``: resident memory of the stream process with 5,000 subscribers.
+  - ``stream.delivered_msgs_per_s``: messages received per second by all clients at the highest level.
+  - ``stream.tick_to_subscriber_p50_ms`` / ``_p99_ms`` at 2,000 subscribers: BarUpdate XADD (what ingest does
+    right after its commit) → receipt by the client process (wall clock, same machine). Ingest's own tick → commit
+    time is not included (the ingest benchmark measures it).
+  - ``stream.delta_bytes_ratio``: Σ bytes the subscribers would have received as full snapshots of their filter
+    (their snapshot size per update) ÷ Σ bytes received as deltas.
+  - ``stream.bytes_per_update_per_subscriber``: mean delta message size, against the predecessor's design (every
+    strike of every expiry to every client, i.e. the full chain per update; measured as protobuf, smaller than its
+    JSON) as baseline.
+
+Snapshots come from an in-process QueryService stand-in (services.stream.testing) that the publisher "commits" into
+before each XADD, like ingest commits to PostgreSQL.
+
+Run alone (own Redis): ``.venv/bin/python -m benchmarks.bench_stream`` (``OPTMON_BENCH_STREAM_LEVELS=500,2000``
+to change the ramp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import multiprocessing as mp
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import Result, format_table, percentile
+from services.common.domain.moneyness import atm_strike, moneyness_level
+from services.common.settings import DEFAULT_STRIKE_STEPS
+from services.devstack.redis import free_port, wait_port
+
+U = "NIFTY"
+STEP = 50.0
+LEVELS = [int(x) for x in os.environ.get("OPTMON_BENCH_STREAM_LEVELS", "500,2000,5000").split(",")]
+PHASE_S = float(os.environ.get("OPTMON_BENCH_STREAM_PHASE_S", "12"))
+CLIENT_PROCS = 3
+PROBES_PER_PROC = 60
+SUBS_PER_CHANNEL = 400
+DAY_FILE = Path("nifty-oc-1min-2026-08") / "nifty_oc_1min_2026-08-18.csv.gz"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real day as per-minute bars
+
+
+def load_day(path: Path) -> list[tuple[float, dict[tuple[str, float], dict[str, dict[str, float]]]]]:
+    """Per minute: (spot, {(expiry, strike): {"CE"/"PE": row values}}) in time order."""
+    minutes: dict[str, tuple[float, dict[tuple[str, float], dict[str, dict[str, float]]]]] = {}
+    with gzip.open(path, "rt", newline="") as f:
+        for row in csv.DictReader(f):
+            m = minutes.setdefault(row["ts_ist"], (float(row["spot"]), defaultdict(dict)))
+            m[1][(row["expiry"], float(row["strike"]))][row["option_type"]] = {
+                k: float(row[k]) for k in ("ltp", "volume", "oi", "iv", "delta", "gamma", "theta", "vega")}
+    return [minutes[k] for k in sorted(minutes)]
+
+
+def build_minutes(day: list[Any]) -> list[tuple[float, list[tuple[str, float, float, int, Any, Any]]]]:
+    """Per minute: (spot, [(expiry, strike, atm, level, ce_leg_kwargs|None, pe_leg_kwargs|None)]) with per-bar
+    volume and ΔOI derived from the previous minute."""
+    prev: dict[tuple[str, float, str], tuple[float, float]] = {}
+    out = []
+    for spot, chain in day:
+        listed: dict[str, list[float]] = defaultdict(list)
+        for e, s in chain:
+            listed[e].append(s)
+        atms = {e: atm_strike(sorted(v), spot) for e, v in listed.items()}
+        rows = []
+        for (e, s), sides in sorted(chain.items()):
+            legs: list[Any] = []
+            for side in ("CE", "PE"):
+                r = sides.get(side)
+                if r is None:
+                    legs.append(None)
+                    continue
+                pv, poi = prev.get((e, s, side), (r["volume"], r["oi"]))
+                prev[(e, s, side)] = (r["volume"], r["oi"])
+                legs.append(dict(ltp=r["ltp"], open=r["ltp"], high=r["ltp"], low=r["ltp"], iv=r["iv"],
+                                 delta=r["delta"], gamma=r["gamma"], theta=r["theta"], vega=r["vega"],
+                                 oi=int(r["oi"]), oi_change=int(r["oi"] - poi),
+                                 volume=int(max(0.0, r["volume"] - pv))))
+            rows.append((e, s, atms[e], moneyness_level(s, atms[e], STEP), legs[0], legs[1]))
+        out.append((spot, rows))
+    return out
+
+
+def bars_of(minute: tuple[float, list[Any]], bucket_time: int) -> list[Any]:
+    from optmon.v1 import market_pb2
+
+    spot, rows = minute
+    bars = []
+    for e, s, atm, lvl, ce, pe in rows:
+        b = market_pb2.StrikeBar(underlying=U, expiry=e, strike=s, timeframe=1, underlying_close=spot,
+                                 moneyness_level=lvl, atm_strike=atm,
+                                 call=market_pb2.OptionLeg(**ce) if ce else None,
+                                 put=market_pb2.OptionLeg(**pe) if pe else None)
+        b.bucket_time.seconds = bucket_time
+        bars.append(b)
+    return bars
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# client processes
+
+
+def realistic_requests(n: int, expiries: list[str], seed: int) -> list[bytes]:
+    """``n`` SubscribeRequests: ATM±5/10/15 over 1–3 of the nearest expiries (or the default), several indicator
+    sets, default rate (4/s)."""
+    from optmon.v1 import stream_service_pb2
+
+    rnd = random.Random(seed)
+    exp_sets = [expiries[:1], expiries[:2], expiries[:3], expiries[1:2], []]
+    ind_sets = [[1, 7, 8], [2, 7], [], [1, 2, 3, 4, 5, 6], [7, 9], [1, 2, 7, 8]]
+    out = []
+    for _ in range(n):
+        out.append(stream_service_pb2.SubscribeRequest(
+            underlying=U, expiries=rnd.choice(exp_sets), strikes_around_atm=rnd.choice([5, 10, 10, 15]),
+            indicators=rnd.choice(ind_sets)).SerializeToString())
+    return out
+
+
+class _Sub:
+    __slots__ = ("deltas", "first_size", "probe", "snap")
+
+    def __init__(self, probe: bool) -> None:
+        self.probe = probe
+        self.snap = False
+        self.first_size = 0
+        self.deltas = 0
+
+
+async def _client_main(conn: Connection, addr: str) -> None:
+    import grpc
+    from optmon.v1 import stream_service_pb2
+
+    loop = asyncio.get_running_loop()
+    channels: list[grpc.aio.Channel] = []
+    subs: list[_Sub] = []
+    tasks: list[asyncio.Task[None]] = []
+    st: dict[str, Any] = {"msgs": 0, "bytes": 0, "full_equiv": 0, "delta_bytes": 0, "errors": 0, "lat": []}
+
+    def reset() -> None:
+        st.update(msgs=0, bytes=0, full_equiv=0, delta_bytes=0, errors=0, lat=[])
+        for s in subs:
+            s.deltas = 0
+
+    async def consume(method: Any, req: bytes, sub: _Sub) -> None:
+        parse = stream_service_pb2.SubscribeResponse.FromString
+        try:
+            async for raw in method(req):
+                now = time.time()
+                n = len(raw)
+                st["msgs"] += 1
+                st["bytes"] += n
+                if not sub.snap:
+                    sub.snap = True
+                    sub.first_size = n
+                    continue
+                if n > 40:  # deltas (heartbeats are ~20 bytes)
+                    sub.deltas += 1
+                    st["full_equiv"] += sub.first_size
+                    st["delta_bytes"] += n
+                    if sub.probe:
+                        m = parse(raw)
+                        if m.WhichOneof("kind") == "delta" and m.delta.conflated == 0:
+                            st["lat"].append((m.delta.bucket_time.seconds, now))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                st["errors"] += 1
+
+    while True:
+        cmd, arg = await loop.run_in_executor(None, conn.recv)
+        if cmd == "add":
+            for req in arg:
+                if not channels or len(subs) >= len(channels) * SUBS_PER_CHANNEL:
+                    channels.append(grpc.aio.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)]))
+                method = channels[-1].unary_stream("/optmon.v1.StreamService/Subscribe")
+                sub = _Sub(probe=sum(1 for s in subs if s.probe) < PROBES_PER_PROC)
+                subs.append(sub)
+                tasks.append(asyncio.create_task(consume(method, req, sub)))
+                if len(tasks) % 50 == 0:
+                    await asyncio.sleep(0.01)
+            conn.send(len(subs))
+        elif cmd == "reset":
+            reset()
+            conn.send(True)
+        elif cmd == "stats":
+            conn.send({**st, "subs": len(subs), "snapped": sum(s.snap for s in subs),
+                       "with_deltas": sum(1 for s in subs if s.deltas > 0)})
+        elif cmd == "stop":
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for c in channels:
+                await c.close()
+            conn.send(True)
+            return
+
+
+def _client_proc(conn: Connection, addr: str) -> None:
+    asyncio.run(_client_main(conn, addr))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _server_metrics(port: int) -> dict[str, float]:
+    """A few figures from the stream process's Prometheus endpoint."""
+    import urllib.request
+
+    want = {"optmon_stream_send_latency_seconds_sum": "lat_sum", "optmon_stream_send_latency_seconds_count": "lat_n",
+            "optmon_stream_groups": "groups", 'optmon_stream_encodings_total{kind="delta"}': "enc",
+            "optmon_stream_bar_updates_total": "upd", "optmon_stream_conflated_updates_total": "conflated"}
+    out = dict.fromkeys(want.values(), 0.0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in want:
+            out[want[name]] = float(value)
+    return out
+
+
+async def _ask(conns: list[Connection], cmd: str, args: list[Any] | None = None) -> list[Any]:
+    for i, c in enumerate(conns):
+        c.send((cmd, args[i] if args else None))
+    return [await asyncio.to_thread(c.recv) for c in conns]
+
+
+async def run(ctx: Any) -> list[Result]:
+    """Ramp subscribers against one stream process while the real day flows at 60×; see the module doc."""
+    from services.stream.testing import BarPublisher, start_stub_query
+
+    minutes = build_minutes(load_day(ctx.shared_data / DAY_FILE))
+    expiries = sorted({r[0] for r in minutes[0][1]})
+    qserver, qport, stub = await start_stub_query(dict(DEFAULT_STRIKE_STEPS))
+    pub = BarPublisher(ctx.redis_url, stub)
+    t0 = 1_787_038_380
+    k = 0
+    publish_times: dict[int, float] = {}
+
+    async def publish_one() -> None:
+        nonlocal k
+        bt = t0 + 60 * k
+        m = minutes[k % len(minutes)]
+        upd = pub.build(U, 1, bt, m[0], bars_of(m, bt))
+        stub.commit(upd)
+        publish_times[bt] = time.time()
+        await pub.redis.xadd(f"optmon:bars:{U}", {"pb": upd.SerializeToString()}, maxlen=10000, approximate=True)
+        k += 1
+
+    await publish_one()
+    full_chain_bytes = len(pub.build(U, 1, t0, minutes[0][0], bars_of(minutes[0], t0)).SerializeToString())
+
+    port, mport = free_port(), free_port()
+    env = {**os.environ, "OPTMON_REDIS_URL": ctx.redis_url, "OPTMON_QUERY_ADDR": f"127.0.0.1:{qport}",
+           "OPTMON_STREAM_PORT": str(port), "OPTMON_LOG_LEVEL": "WARNING", "OPTMON_METRICS_PORT": str(mport)}
+    proc = subprocess.Popen([sys.executable, "-m", "services.stream"], env=env, cwd=str(ctx.root))
+    results: list[Result] = []
+    conns: list[Connection] = []
+    procs: list[Any] = []
+    running = True
+
+    async def ticker() -> None:
+        next_t = time.monotonic()
+        while running:
+            await publish_one()
+            next_t += 1.0  # 60× real time: one 1-minute bucket per second
+            await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+
+    tick_task: asyncio.Task[None] | None = None
+    try:
+        await asyncio.to_thread(wait_port, port, 30.0)
+        mpctx = mp.get_context("spawn")
+        for _ in range(CLIENT_PROCS):
+            a, b = mpctx.Pipe()
+            p = mpctx.Process(target=_client_proc, args=(b, f"127.0.0.1:{port}"), daemon=True)
+            p.start()
+            procs.append(p)
+            conns.append(a)
+        tick_task = asyncio.create_task(ticker())
+        level_stats: dict[int, dict[str, Any]] = {}
+        have = 0
+        for level in LEVELS:
+            reqs = realistic_requests(level - have, expiries[:3], seed=level)
+            per = [reqs[i::CLIENT_PROCS] for i in range(CLIENT_PROCS)]
+            await _ask(conns, "add", per)
+            have = level
+            # wait until every subscriber has its snapshot (bounded)
+            deadline = time.monotonic() + 120
+            while True:
+                stats = await _ask(conns, "stats")
+                if sum(s["snapped"] for s in stats) >= level or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(2.0)
+            await _ask(conns, "reset")
+            m0 = await asyncio.to_thread(_server_metrics, mport)
+            p_start = time.monotonic()
+            await asyncio.sleep(PHASE_S)
+            stats = await _ask(conns, "stats")
+            m1 = await asyncio.to_thread(_server_metrics, mport)
+            elapsed = time.monotonic() - p_start
+            rss = _rss_mib(proc.pid)
+            lat = [(now - publish_times[bt]) * 1000 for s in stats for bt, now in s["lat"] if bt in publish_times]
+            agg = {
+                "snapped": sum(s["snapped"] for s in stats), "with_deltas": sum(s["with_deltas"] for s in stats),
+                "msgs_per_s": sum(s["msgs"] for s in stats) / elapsed,
+                "full_equiv": sum(s["full_equiv"] for s in stats), "delta_bytes": sum(s["delta_bytes"] for s in stats),
+                "deltas": sum(s["msgs"] for s in stats), "errors": sum(s["errors"] for s in stats),
+                "p50": percentile(lat, 50), "p99": percentile(lat, 99), "rss": rss, "n_lat": len(lat),
+                "server_handoff_mean_ms": 1000 * (m1["lat_sum"] - m0["lat_sum"]) / max(1.0, m1["lat_n"] - m0["lat_n"]),
+                "groups": m1["groups"], "encodings_per_update": (m1["enc"] - m0["enc"]) / max(1.0, m1["upd"] - m0["upd"]),
+                "conflated": m1["conflated"] - m0["conflated"],
+            }
+            level_stats[level] = agg
+            print(f"   stream level {level}: {agg}", flush=True)
+        ok = [lv for lv, a in level_stats.items()
+              if a["snapped"] >= lv and a["with_deltas"] >= lv and a["p99"] <= 1000 and not a["errors"]]
+        top = max(level_stats)
+        results.append(Result("stream.subscribers_max", float(max(ok) if ok else 0), "subs", goal=">= 5000",
+                              note=f"ramp {LEVELS}, 1 process, 1M BarUpdates at 60x"))
+        if 5000 in level_stats:
+            results.append(Result("stream.rss_mib_at_5000", level_stats[5000]["rss"], "MiB", goal="<= 1024"))
+        results.append(Result("stream.delivered_msgs_per_s", level_stats[top]["msgs_per_s"], "msg/s",
+                              note=f"at {top} subscribers"))
+        at = 2000 if 2000 in level_stats else top
+        results.append(Result("stream.tick_to_subscriber_p50_ms", level_stats[at]["p50"], "ms", goal="<= 20",
+                              note=f"BarUpdate XADD -> client receipt, {at} subscribers"))
+        results.append(Result("stream.tick_to_subscriber_p99_ms", level_stats[at]["p99"], "ms", goal="<= 100",
+                              note=f"BarUpdate XADD -> client receipt, {at} subscribers"))
+        fe = sum(a["full_equiv"] for a in level_stats.values())
+        db = sum(a["delta_bytes"] for a in level_stats.values())
+        results.append(Result("stream.delta_bytes_ratio", fe / db if db else float("nan"), "x", goal=">= 5",
+                              note="full snapshots of the filter / deltas received"))
+        mean_delta = db / max(1, sum(a["deltas"] for a in level_stats.values()))
+        results.append(Result("stream.bytes_per_update_per_subscriber", mean_delta, "bytes",
+                              baseline=float(full_chain_bytes),
+                              note="baseline: full chain (every strike of every expiry) per update, protobuf"))
+    finally:
+        running = False
+        if tick_task is not None:
+            await asyncio.gather(tick_task, return_exceptions=True)
+        if conns:
+            try:
+                async with asyncio.timeout(30):
+                    await _ask(conns, "stop")
+            except Exception:  # a stuck client is killed below
+                pass
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        await qserver.stop(None)
+        await pub.close()
+    return results
+
+
+if __name__ == "__main__":
+    from benchmarks.run import standalone
+
+    rows = asyncio.run(standalone(run, "bench_stream"))
+    del rows
+    _ = format_table

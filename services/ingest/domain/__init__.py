@@ -1,0 +1,1 @@
+"""Pure ingest logic (no grpc, asyncpg or redis imports)."""

@@ -1,0 +1,362 @@
+"""Durable input: the Redis Streams ``optmon:ticks:<UNDERLYING>`` read through the consumer group ``ingest``.
+
+Each entry holds one serialized ``optmon.v1.TickBatch`` in field ``pb``. The consumer (name ``<hostname>-<pid>``)
+loops: wait until the in-memory bound has room → ``XREADGROUP ... COUNT ingest_stream_read_count BLOCK ...`` over
+every configured underlying → one ``Committer.commit`` for all the entries read → ``XACK`` them. An entry is
+acknowledged only after the commit containing its ticks returned, so a crash (even kill -9) loses nothing: the
+entries stay pending and are reclaimed with ``XAUTOCLAIM`` once idle for ``ingest_claim_idle_ms`` (by any replica,
+or by the restarted process, which reclaims them *before* reading new entries). Reprocessing a committed but
+unacknowledged entry is harmless because the pipeline's bar upserts are idempotent.
+
+Undecodable entries (no ``pb`` field, or bytes that are not a TickBatch) are written to the dead-letter stream as
+MALFORMED with the raw payload, counted, and acknowledged: never a crash, never silent.
+
+Trimming: every ``ingest_maintenance_interval_s`` a stream longer than ``ingest_stream_maxlen`` is trimmed with
+``XTRIM MINID ~ <safe id>``, where the safe id is the smallest of every group's oldest pending id and last-delivered
+id: only entries that every consumer group has acknowledged are ever removed. Producers must XADD without MAXLEN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+from google.protobuf.message import DecodeError
+from optmon.v1 import ingest_service_pb2, market_pb2
+
+from services.ingest.domain.validation import MALFORMED, REASON_NAMES
+from services.ingest.inputs import metrics
+from services.ingest.inputs.committer import Committer, CommitterClosed, count_ticks
+from services.ingest.settings import IngestSettings
+from services.ingest.store.deadletter import write_dead_letters
+
+log = structlog.get_logger("ingest.streams")
+
+#: Consumer group every ingest replica joins.
+GROUP = "ingest"
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def tick_stream_key(underlying: str) -> str:
+    """``optmon:ticks:<UNDERLYING>``."""
+    return f"optmon:ticks:{underlying}"
+
+
+def default_consumer_name() -> str:
+    """``<hostname>-<pid>``: unique per process, so a restarted process never mistakes a dead one's entries for its
+    own in-flight ones."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _increment_rejected(reason: str, n: int = 1) -> None:
+    try:
+        from services.ingest.metrics import REJECTED
+    except ImportError:  # pragma: no cover - metrics module not there yet
+        return
+    REJECTED.labels(reason).inc(n)
+
+
+class StreamConsumer:
+    """Consumes the tick streams of ``settings.underlyings`` until :meth:`stop`.
+
+    ``decoded`` / ``malformed`` / ``acked`` count entries since start (for tests and logs).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        committer: Committer,
+        settings: IngestSettings,
+        consumer_name: str | None = None,
+    ) -> None:
+        self._redis = redis
+        self._committer = committer
+        self._settings = settings
+        self.name = consumer_name or default_consumer_name()
+        self.keys = [tick_stream_key(u) for u in settings.underlyings]
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.acked = 0
+        self.malformed = 0
+        self.claimed = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream (from id 0, creating empty streams): ticks published before the first
+        ingest start are consumed too. Idempotent."""
+        for key in self.keys:
+            try:
+                await self._redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def start(self) -> None:
+        """Start the consuming task."""
+        self._task = asyncio.create_task(self._run(), name="ingest-stream-consumer")
+
+    async def stop(self) -> None:
+        """Stop reading; the batch in flight is committed and acknowledged first (unless the committer is closed)."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    @property
+    def running(self) -> bool:
+        """True while the consuming task runs."""
+        return self._task is not None and not self._task.done()
+
+    # -- main loop -----------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = self._settings.ingest_retry_initial_s
+        groups_ready = False
+        recovered = False
+        next_maintenance = 0.0
+        while not self._stopping.is_set():
+            try:
+                if not groups_ready:
+                    await self.ensure_groups()
+                    groups_ready = True
+                if not recovered:
+                    await self._recover_on_start()
+                    recovered = True
+                if time.monotonic() >= next_maintenance:
+                    await self.maintenance()
+                    next_maintenance = time.monotonic() + self._settings.ingest_maintenance_interval_s
+                await self._committer.wait_for_room()
+                if self._stopping.is_set():
+                    break
+                resp = await self._redis.xreadgroup(
+                    GROUP,
+                    self.name,
+                    {k: ">" for k in self.keys},
+                    count=self._settings.ingest_stream_read_count,
+                    block=self._settings.ingest_stream_block_ms,
+                )
+                entries = [(_s(key), _s(eid), fields) for key, items in resp or () for eid, fields in items]
+                if entries:
+                    await self._handle(entries)
+                backoff = self._settings.ingest_retry_initial_s
+            except CommitterClosed:
+                log.info("ingest.stream_consumer_closed_with_pending")
+                break
+            except redis.exceptions.ResponseError as e:
+                if "NOGROUP" in str(e):  # stream deleted under us: recreate the group
+                    groups_ready = False
+                    continue
+                log.exception("ingest.stream_error")
+                await self._pause(backoff)
+                backoff = min(backoff * 2, self._settings.ingest_retry_max_s)
+            except _REDIS_ERRORS as e:
+                log.warning("ingest.redis_unreachable", error=str(e), retry_in_s=backoff)
+                await self._pause(backoff)
+                backoff = min(backoff * 2, self._settings.ingest_retry_max_s)
+            except Exception:
+                log.exception("ingest.stream_consumer_error")
+                await self._pause(backoff)
+                backoff = min(backoff * 2, self._settings.ingest_retry_max_s)
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    # -- one batch of entries ------------------------------------------------------------------------------------
+    async def _handle(self, entries: Sequence[tuple[str, str, Any]]) -> None:
+        """Decode, commit, dead-letter the undecodable ones, then XACK all of them."""
+        batches: list[tuple[market_pb2.TickBatch, str]] = []
+        dead: list[ingest_service_pb2.DeadLetter] = []
+        for key, eid, fields in entries:
+            raw = fields.get(b"pb") if isinstance(fields, dict) else None
+            source = f"stream:{key}:{eid}"  # the entry id also gives the pipeline the receive time
+            if raw is None:
+                dead.append(ingest_service_pb2.DeadLetter(
+                    reason=MALFORMED, detail=f"entry {eid} has no field 'pb'", source=source,
+                    raw=repr(fields).encode()[:65536]))
+                continue
+            try:
+                batch = market_pb2.TickBatch.FromString(raw)
+            except (DecodeError, ValueError) as e:
+                dead.append(ingest_service_pb2.DeadLetter(
+                    reason=MALFORMED, detail=f"entry {eid}: not a TickBatch ({e})", source=source, raw=raw))
+                continue
+            batches.append((batch, source))
+        if batches:
+            n = sum(count_ticks(b) for b, _ in batches)
+            await self._committer.reserve(n)
+            try:
+                await self._commit(batches, entries)
+            finally:
+                await self._committer.release(n)
+        if dead:
+            await self._retry_redis(lambda: write_dead_letters(
+                self._redis, dead, maxlen=self._settings.ingest_deadletter_maxlen))
+            await _increment_rejected(REASON_NAMES[MALFORMED], len(dead))
+            self.malformed += len(dead)
+            log.warning("ingest.stream_malformed", entries=len(dead))
+        await self._ack(entries)
+
+    async def _commit(self, batches: list[tuple[market_pb2.TickBatch, str]],
+                      entries: Sequence[tuple[str, str, Any]]) -> None:
+        ids_by_key: dict[str, list[str]] = {}
+        for key, eid, _ in entries:
+            ids_by_key.setdefault(key, []).append(eid)
+
+        async def keep_claimed() -> None:
+            # While waiting for the database, keep our pending entries fresh so no replica reclaims them.
+            for key, ids in ids_by_key.items():
+                await self._redis.xclaim(key, GROUP, self.name, 0, ids, justid=True)
+
+        try:
+            await self._committer.commit(batches, on_retry=keep_claimed)
+        except CommitterClosed:
+            raise
+        except Exception:
+            # A batch the pipeline cannot process (not an outage): isolate the entries one by one so a single poison
+            # entry cannot block the stream; one that fails alone goes to the dead-letter stream.
+            if len(batches) == 1:
+                raise
+            log.exception("ingest.batch_failed_isolating", entries=len(batches))
+            for one in batches:
+                try:
+                    await self._committer.commit([one], on_retry=keep_claimed)
+                except CommitterClosed:
+                    raise
+                except Exception as e:
+                    log.exception("ingest.entry_failed")
+                    await self._retry_redis(lambda e=e, one=one: write_dead_letters(self._redis, [
+                        ingest_service_pb2.DeadLetter(reason=MALFORMED, detail=f"pipeline error: {e!r}"[:500],
+                                                      source=one[1], raw=one[0].SerializeToString())]))
+                    await _increment_rejected(REASON_NAMES[MALFORMED], count_ticks(one[0]))
+
+    async def _retry_redis(self, op: Any) -> Any:
+        """Run a Redis operation until it succeeds (the ticks are committed; they must now be acknowledged)."""
+        delay = self._settings.ingest_retry_initial_s
+        while True:
+            try:
+                return await op()
+            except _REDIS_ERRORS as e:
+                log.warning("ingest.redis_retry", error=str(e), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.ingest_retry_max_s)
+
+    async def _ack(self, entries: Sequence[tuple[str, str, Any]]) -> None:
+        ids_by_key: dict[str, list[str]] = {}
+        for key, eid, _ in entries:
+            ids_by_key.setdefault(key, []).append(eid)
+
+        async def ack() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, ids in ids_by_key.items():
+                    pipe.xack(key, GROUP, *ids)
+                await pipe.execute()
+
+        await self._retry_redis(ack)
+        for key, ids in ids_by_key.items():
+            metrics.STREAM_ACKED.labels(key).inc(len(ids))
+        self.acked += len(entries)
+
+    # -- recovery and trimming -----------------------------------------------------------------------------------
+    async def claim_idle(self) -> int:
+        """XAUTOCLAIM every entry idle longer than ``ingest_claim_idle_ms`` on every stream and process it; returns
+        how many entries were reclaimed."""
+        total = 0
+        count = self._settings.ingest_stream_read_count
+        for key in self.keys:
+            cursor = "0-0"
+            while True:
+                resp = await self._redis.xautoclaim(
+                    key, GROUP, self.name, self._settings.ingest_claim_idle_ms, start_id=cursor, count=count)
+                cursor = _s(resp[0])
+                entries = [(key, _s(eid), fields) for eid, fields in resp[1] if fields is not None]
+                if entries:
+                    total += len(entries)
+                    metrics.STREAM_CLAIMED.inc(len(entries))
+                    log.info("ingest.stream_reclaimed", stream=key, entries=len(entries))
+                    await self._handle(entries)
+                if cursor == "0-0":
+                    break
+        self.claimed += total
+        return total
+
+    async def _others_pending(self) -> int:
+        """Pending entries owned by other consumers that look dead (idle beyond a few read blocks)."""
+        idle_floor = 2 * self._settings.ingest_stream_block_ms + 500
+        n = 0
+        for key in self.keys:
+            for c in await self._redis.xinfo_consumers(key, GROUP):
+                name = _s(c.get("name", ""))
+                if name != self.name and int(c.get("pending", 0)) > 0 and int(c.get("idle", 0)) >= idle_floor:
+                    n += int(c["pending"])
+        return n
+
+    async def _recover_on_start(self) -> None:
+        """Before reading new entries, take over the entries a crashed predecessor left pending (so ticks are
+        processed in stream order). Waits at most ``ingest_claim_idle_ms`` + 2 s for them to become claimable."""
+        deadline = time.monotonic() + self._settings.ingest_claim_idle_ms / 1000 + 2.0
+        while not self._stopping.is_set():
+            await self.claim_idle()
+            if await self._others_pending() == 0 or time.monotonic() > deadline:
+                return
+            await self._pause(0.1)
+
+    async def safe_trim_id(self, key: str) -> str | None:
+        """The smallest id any consumer group still needs on ``key`` (oldest pending, else last delivered), or None
+        when the stream has no group."""
+        groups = await self._redis.xinfo_groups(key)
+        if not groups:
+            return None
+        best: tuple[int, int] | None = None
+        for g in groups:
+            cands = [_s(g.get("last-delivered-id", "0-0"))]
+            if int(g.get("pending", 0)) > 0:
+                summary = await self._redis.xpending(key, _s(g["name"]))
+                if summary.get("min"):
+                    cands.append(_s(summary["min"]))
+            for c in cands:
+                k = _id_key(c)
+                if best is None or k < best:
+                    best = k
+        if best is None:
+            return None
+        return f"{best[0]}-{best[1]}"
+
+    async def trim(self) -> int:
+        """Trim every stream longer than ``ingest_stream_maxlen`` to the acknowledged boundary (``MINID ~``);
+        returns the entries removed."""
+        removed = 0
+        for key in self.keys:
+            if await self._redis.xlen(key) <= self._settings.ingest_stream_maxlen:
+                continue
+            safe = await self.safe_trim_id(key)
+            if safe is None or safe == "0-0":
+                continue
+            n = await self._redis.xtrim(key, minid=safe, approximate=True)
+            removed += int(n or 0)
+        if removed:
+            metrics.STREAM_TRIMMED.inc(removed)
+            log.info("ingest.stream_trimmed", entries=removed)
+        return removed
+
+    async def maintenance(self) -> None:
+        """Reclaim idle entries of crashed consumers, then trim."""
+        await self.claim_idle()
+        await self.trim()

@@ -1,0 +1,559 @@
+"""The ingest pipeline: validated ticks → 1-minute bars → exact 5M/15M/1H rollups, latest snapshot and underlying
+bars in ONE PostgreSQL transaction per call → BarUpdate events on Redis after the commit.
+
+Used by every input (Redis Streams consumer, PublishTicks, legacy pub/sub — ``services/ingest/inputs``) through
+:meth:`Pipeline.process`. Field definitions of the bars: ``services/ingest/domain/bars.py`` and ``docs/bars.md``.
+
+Concurrency: calls are serialized by an asyncio lock. One pipeline (one process) should own an underlying at a time:
+the in-order fast path trusts the per-contract state in memory (see ``docs/bars.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import numpy as np
+import redis.asyncio as aioredis
+import structlog
+
+from optmon.v1 import ingest_service_pb2, market_pb2
+from services.common.domain.timeframes import ROLLUPS, Timeframe
+from services.ingest import metrics
+from services.ingest.domain import bars as B
+from services.ingest.settings import IngestSettings
+from services.ingest.store import events
+from services.ingest.store import pg as store
+from services.ingest.store.pg import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from services.ingest.domain.validation import Validator
+
+__all__ = ["DatabaseUnavailable", "Pipeline", "ProcessResult"]
+
+log = structlog.get_logger("optmon.ingest.pipeline")
+
+_CALL = market_pb2.OPTION_TYPE_CALL
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+_STREAM_ID = re.compile(r":(\d+)-\d+$")
+#: Committed-but-unpublished BarUpdates kept for the next call at most (older ones are dropped and logged).
+_MAX_PENDING_EVENTS = 10_000
+_SIDE_INDEX = {"ce": 0, "pe": 1}
+
+
+@dataclass
+class ProcessResult:
+    """Outcome of one :meth:`Pipeline.process` call."""
+
+    #: Option + underlying ticks accepted and committed.
+    accepted: int = 0
+    #: Rejected ticks by reason name without prefix (e.g. ``"NON_POSITIVE_LTP"``) → count.
+    rejected: dict[str, int] = field(default_factory=dict)
+    #: Accepted ticks flagged as suspicious (LTP jump).
+    suspicious: int = 0
+    #: BarUpdate messages published by this call.
+    bar_updates: int = 0
+
+
+def _reason_name(reason: int | str) -> str:
+    if isinstance(reason, str):
+        return reason.removeprefix("REJECT_REASON_")
+    return ingest_service_pb2.RejectReason.Name(reason).removeprefix("REJECT_REASON_")
+
+
+def _receive_us(source: str, default_us: int) -> int:
+    """Wall-clock receive time of a batch: the Redis stream entry id's milliseconds when the source names one
+    (``stream:<key>:<ms>-<seq>``), else ``default_us``."""
+    m = _STREAM_ID.search(source)
+    if m:
+        return min(int(m.group(1)) * 1000, default_us)
+    return default_us
+
+
+def _day_to_date(day: int) -> dt.date:
+    return dt.date.fromordinal(_EPOCH_ORDINAL + day)
+
+
+class Pipeline:
+    """Validates, aggregates and commits tick batches; publishes BarUpdates.
+
+    ``settings``: strike steps (moneyness), retention, event stream cap, IV rate/dividend yield. ``pool``: asyncpg
+    pool of the migrated database. ``redis``: asyncio Redis client (events, dead letters). ``validator``: optional
+    :class:`services.ingest.domain.validation.Validator`; None accepts everything. The caller owns the validator's
+    begin/commit/rollback (``services/ingest/inputs/committer.py``).
+    """
+
+    def __init__(self, settings: IngestSettings, pool: asyncpg.Pool, redis: aioredis.Redis,
+                 validator: Validator | None = None) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._redis = redis
+        self._validator = validator
+        self._steps = {u.upper(): float(s) for u, s in settings.strike_steps.items()}
+        self._lock = asyncio.Lock()
+        self._states: dict[B.LegKey, B.LegState] = {}
+        self._closes = B.UnderlyingCloses()
+        self._listed = B.ListedStrikes()
+        self._horizon_s = 0
+        self._known_days: set[int] = set()
+        self._pending_events: list[market_pb2.BarUpdate] = []
+        self._last_retention = -math.inf
+        self._expiry_text: dict[dt.date, str] = {}
+        #: UTC day → [1M rows written since start, rows at the last ANALYZE] (see :meth:`_maybe_analyze`).
+        self._day_rows: dict[int, list[int]] = {}
+
+    # -- start-up / recovery -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover per-contract state from PostgreSQL (newest session's last two bars per leg, listed strikes,
+        1-minute underlying closes), create today's and tomorrow's partitions and run retention once.
+        Raises DatabaseUnavailable when PostgreSQL cannot be reached (safe to call again)."""
+        async with self._lock:
+            try:
+                async with self._pool.acquire() as conn:
+                    horizon = await store.latest_session_start(conn) or 0
+                    closes = B.UnderlyingCloses()
+                    for r in await store.load_underlying_closes(conn):
+                        closes.merge(r["underlying"], int(r["bucket_s"]), int(r["close_us"]), float(r["close"]))
+                    listed = B.ListedStrikes()
+                    for r in await store.load_listed_strikes(conn, max(horizon - B.DAY_S, 0)):
+                        listed.observe(r["underlying"], r["expiry"], float(r["strike"]), int(r["first_s"]))
+                    states: dict[B.LegKey, B.LegState] = {}
+                    for side in store.SIDES:
+                        is_call = side == "ce"
+                        for r in sorted(await store.load_leg_states(conn, side, horizon),
+                                        key=lambda r: -int(r["rn"])):
+                            key = (r["underlying"], r["expiry"], float(r["strike"]), is_call)
+                            st = B.LegState(int(r["bucket_s"]), int(r["close_us"]), int(r["oi"] or 0),
+                                            int(r["day_volume"] or 0))
+                            prev = states.get(key)
+                            if prev is not None:  # rn=2 came first: it is the prior bar
+                                st.prior_bucket, st.prior_oi, st.prior_day_volume = (
+                                    prev.bucket, prev.oi, prev.day_volume)
+                            states[key] = st
+                    today = int(time.time()) // B.DAY_S
+                    await store.ensure_partitions(conn, _day_to_date(today), _day_to_date(today + 1))
+            except Exception as e:
+                if store.is_unavailable(e):
+                    raise DatabaseUnavailable(f"PostgreSQL unreachable: {type(e).__name__}: {e}") from e
+                raise
+            self._states, self._closes, self._listed, self._horizon_s = states, closes, listed, horizon
+            self._known_days = {today, today + 1}
+            log.info("ingest.pipeline.started", leg_states=len(states), horizon_s=horizon,
+                     underlyings=len(closes.bars))
+        await self.enforce_retention()
+
+    async def enforce_retention(self) -> int:
+        """Drop daily bar partitions older than ``ingest_retention_days`` before the newest data day (not the wall
+        clock, so a replay of an old day keeps its bars). Returns how many were dropped; 0 when disabled. Errors are
+        logged, not raised."""
+        self._last_retention = time.monotonic()
+        days = self._settings.ingest_retention_days
+        if days <= 0 or self._horizon_s <= 0:
+            return 0
+        before = _day_to_date(self._horizon_s // B.DAY_S - days)
+        try:
+            async with self._pool.acquire() as conn:
+                n = await store.drop_partitions_before(conn, before)
+        except Exception as e:  # retention is best effort
+            log.warning("ingest.retention_failed", error=f"{type(e).__name__}: {e}")
+            return 0
+        if n:
+            metrics.PARTITIONS_DROPPED.inc(n)
+            self._known_days = {d for d in self._known_days if d >= before.toordinal() - _EPOCH_ORDINAL}
+            log.info("ingest.retention", dropped=n, before=before.isoformat())
+        return n
+
+    # -- processing ------------------------------------------------------------------------------------------
+
+    async def process(self, batches: Sequence[tuple[market_pb2.TickBatch, str]]) -> ProcessResult:
+        """Validate, aggregate and commit ``(batch, source)`` pairs in one transaction, then publish BarUpdates.
+
+        Returns after commit + publish. Raises :class:`DatabaseUnavailable` when PostgreSQL is unreachable (nothing
+        committed, in-memory state unchanged: retry the same batches later); raises the redis error when Redis is
+        unreachable after the commit (the updates are kept and published by the next call; a retry of the same
+        batches changes no rows).
+        """
+        async with self._lock:
+            return await self._process(batches)
+
+    async def _process(self, batches: Sequence[tuple[market_pb2.TickBatch, str]]) -> ProcessResult:
+        now = dt.datetime.now(dt.UTC)
+        now_us = int(now.timestamp() * 1_000_000)
+        result = ProcessResult()
+        validator = self._validator
+        builder = B.BarBuilder()
+        dead: list[ingest_service_pb2.DeadLetter] = []
+        rejected = result.rejected
+        first_receive: dict[str, int] = {}
+        needs_greeks: list[tuple[market_pb2.OptionTick, int]] = []
+        add_option = builder.add_option
+        add_underlying = builder.add_underlying
+
+        for batch, source in batches:
+            recv_us = _receive_us(source, now_us)
+            seen: set[str] = set()
+            for ut in batch.underlying_ticks:
+                if validator is not None:
+                    reason, detail = validator.check_underlying(ut, now)
+                    if reason:
+                        name = _reason_name(reason)
+                        rejected[name] = rejected.get(name, 0) + 1
+                        dead.append(ingest_service_pb2.DeadLetter(reason=reason, detail=detail, source=source,
+                                                                  underlying_tick=ut))
+                        continue
+                ts = ut.exchange_time
+                add_underlying(ut.underlying, ts.seconds * 1_000_000 + ts.nanos // 1000, ut.price)
+                seen.add(ut.underlying)
+                result.accepted += 1
+            for t in batch.option_ticks:
+                if validator is not None:
+                    reason, detail, susp = validator.check_option(t, now)
+                    if reason:
+                        name = _reason_name(reason)
+                        rejected[name] = rejected.get(name, 0) + 1
+                        dead.append(ingest_service_pb2.DeadLetter(reason=reason, detail=detail, source=source,
+                                                                  option_tick=t))
+                        continue
+                    if susp:
+                        result.suspicious += 1
+                u = t.underlying
+                ts = t.exchange_time
+                ts_us = ts.seconds * 1_000_000 + ts.nanos // 1000
+                if t.HasField("underlying_price"):
+                    add_underlying(u, ts_us, t.underlying_price, is_tick=False)
+                if (t.HasField("iv") and t.HasField("delta") and t.HasField("gamma") and t.HasField("theta")
+                        and t.HasField("vega")):
+                    add_option(u, t.expiry, t.strike, t.option_type == _CALL, ts_us, t.ltp, t.volume, t.oi,
+                               t.iv, t.delta, t.gamma, t.theta, t.vega)
+                else:
+                    needs_greeks.append((t, ts_us))
+                seen.add(u)
+                result.accepted += 1
+            for u in seen:
+                if u not in first_receive or recv_us < first_receive[u]:
+                    first_receive[u] = recv_us
+
+        # Pending copies of the in-memory state: applied only after the commit.
+        closes = self._closes.copy_for(builder.underlying.keys())
+        for u, ubars in builder.underlying.items():
+            for b, a in ubars.items():
+                closes.merge(u, b, int(a[4]), a[5])
+        if needs_greeks:
+            self._add_with_greeks(builder, needs_greeks, closes)
+
+        listed_keys = {(k[0], k[1], b // B.DAY_S) for k, bks in builder.legs.items() for b in bks}
+        listed = self._listed.copy_for(listed_keys)
+        for (u, e, s, _c), bks in builder.legs.items():
+            for b in bks:
+                listed.observe(u, e, s, b)
+
+        rows: dict[tuple[str, str, float, int], list[B.LegBar | None]] = {}
+        new_states: dict[B.LegKey, B.LegState] = {}
+        late: set[tuple[str, str, float, int, str]] = set()  # (u, expiry, strike, bucket, side)
+        for key, bks in builder.legs.items():
+            leg_bars, st = B.derive_leg(bks, self._states.get(key), self._horizon_s)
+            if st is not None:
+                new_states[key] = st
+            u, e, s, is_call = key
+            i = 0 if is_call else 1
+            for b, lb in leg_bars.items():
+                slot = rows.get((u, e, s, b))
+                if slot is None:
+                    slot = rows[(u, e, s, b)] = [None, None]
+                slot[i] = lb
+                if lb.late:
+                    late.add((u, e, s, b, "ce" if is_call else "pe"))
+
+        arrays = self._bar_arrays(rows, closes, listed)
+        uarrays = self._underlying_arrays(builder)
+        new_days = builder.dates() - self._known_days
+
+        changed: dict[Timeframe, list[Any]] = {tf: [] for tf in Timeframe}
+        late_state_rows: dict[B.LegKey, list[Any]] = {}
+        t0 = time.perf_counter()
+        try:
+            async with self._pool.acquire() as conn:
+                if new_days:
+                    await store.ensure_partitions(conn, _day_to_date(min(new_days)), _day_to_date(max(new_days)))
+                async with conn.transaction():
+                    if uarrays[0]:
+                        await store.upsert_underlying(conn, uarrays)
+                        for tf in ROLLUPS:
+                            pairs = sorted({(u, b - b % tf.seconds) for u, bks in builder.underlying.items()
+                                            for b in bks})
+                            await store.rollup_underlying(conn, tf, [p[0] for p in pairs], [p[1] for p in pairs])
+                    changed[Timeframe.M1] = list(await store.upsert_1m(conn, arrays))
+                    if late:
+                        await self._recompute_late(conn, late, changed, late_state_rows)
+                    src = changed[Timeframe.M1]
+                    for tf in ROLLUPS:
+                        if not src:
+                            break
+                        src = changed[tf] = list(await store.rollup(conn, tf, self._rollup_groups(src, tf, closes,
+                                                                                                   listed)))
+            commit_time = dt.datetime.now(dt.UTC)
+        except Exception as e:
+            if store.is_unavailable(e):
+                metrics.DB_UNAVAILABLE.inc()
+                raise DatabaseUnavailable(f"PostgreSQL unreachable: {type(e).__name__}: {e}") from e
+            raise
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
+        self._known_days |= new_days
+
+        # Committed: apply the in-memory state.
+        self._states.update(new_states)
+        for key, state_rows in late_state_rows.items():
+            self._states[key] = _state_from_rows(state_rows)
+        self._closes = closes
+        self._listed = listed
+        days = builder.dates()
+        if days:
+            self._horizon_s = max(self._horizon_s, max(days) * B.DAY_S)
+
+        metrics.ACCEPTED.inc(result.accepted)
+        if result.suspicious:
+            metrics.SUSPICIOUS.inc(result.suspicious)
+        for name, n in rejected.items():
+            metrics.REJECTED.labels(name).inc(n)
+        for tf, rws in changed.items():
+            if rws:
+                metrics.BARS_WRITTEN.labels(tf.label).inc(len(rws))
+
+        updates = events.build_updates(
+            {tf: rws for tf, rws in changed.items() if rws}, commit_time=commit_time,
+            first_tick_us=builder.first_tick_us, first_receive_us=first_receive,
+            underlying_price={u: closes.latest(u) for u in {r["underlying"] for r in changed[Timeframe.M1]}})
+        result.bar_updates = len(updates)
+        self._pending_events.extend(updates)
+        if len(self._pending_events) > _MAX_PENDING_EVENTS:
+            drop = len(self._pending_events) - _MAX_PENDING_EVENTS
+            log.error("ingest.events_dropped", dropped=drop)
+            del self._pending_events[:drop]
+        metrics.EVENTS_PENDING.set(len(self._pending_events))
+        await events.publish(self._redis, self._pending_events, self._settings.ingest_events_maxlen)
+        metrics.EVENTS_PUBLISHED.inc(len(self._pending_events))
+        self._pending_events = []
+        metrics.EVENTS_PENDING.set(0)
+        if dead:
+            from services.ingest.store.deadletter import write_dead_letters
+
+            await write_dead_letters(self._redis, dead, self._settings.ingest_deadletter_maxlen)
+        await self._maybe_analyze(changed[Timeframe.M1])
+        if time.monotonic() - self._last_retention > self._settings.ingest_retention_interval_s:
+            await self.enforce_retention()
+        return result
+
+    async def _maybe_analyze(self, rows_1m: list[Any]) -> None:
+        """ANALYZE a day's partitions when the 1M rows written to it since the last ANALYZE doubled (from 500 rows
+        on): keeps the rollup plans on the primary key. Best effort (errors logged)."""
+        counts: dict[int, int] = {}
+        for r in rows_1m:
+            d = int(r["bucket_time"].timestamp()) // B.DAY_S
+            counts[d] = counts.get(d, 0) + 1
+        for d, n in counts.items():
+            st = self._day_rows.setdefault(d, [0, 0])
+            st[0] += n
+            if st[0] >= 500 and st[0] >= 2 * st[1]:
+                st[1] = st[0]
+                try:
+                    async with self._pool.acquire() as conn:
+                        await store.analyze_day(conn, _day_to_date(d))
+                except Exception as e:
+                    log.warning("ingest.analyze_failed", error=f"{type(e).__name__}: {e}")
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _add_with_greeks(self, builder: B.BarBuilder, ticks: list[tuple[market_pb2.OptionTick, int]],
+                         closes: B.UnderlyingCloses) -> None:
+        """Add option ticks lacking IV or a Greek, computing the missing values (vectorized, one call per batch).
+        Spot = the tick's ``underlying_price`` or the index close of its minute (carried forward); IV from LTP when
+        absent (Black-76 when ``futures_price`` is given). Values that cannot be computed are stored as NULL."""
+        from services.ingest.domain import greeks as G
+
+        n = len(ticks)
+        ltp = np.empty(n)
+        spot = np.full(n, np.nan)
+        strike = np.empty(n)
+        t_exp = np.full(n, np.nan)
+        now_s = np.empty(n)
+        is_call = np.empty(n, dtype=bool)
+        fut = np.full(n, np.nan)
+        given_iv = np.full(n, np.nan)
+        for i, (t, ts_us) in enumerate(ticks):
+            ltp[i] = t.ltp
+            strike[i] = t.strike
+            is_call[i] = t.option_type == _CALL
+            now_s[i] = ts_us / 1e6
+            if t.HasField("underlying_price"):
+                spot[i] = t.underlying_price
+            else:
+                sec = ts_us // 1_000_000
+                p = closes.price_at(t.underlying, sec - sec % 60)
+                if p is not None:
+                    spot[i] = p
+            if t.HasField("futures_price"):
+                fut[i] = t.futures_price
+            if t.HasField("iv"):
+                given_iv[i] = t.iv
+            try:
+                t_exp[i] = G.expiry_close_epoch(t.expiry)
+            except ValueError:
+                pass
+        t_years = G.time_to_expiry_years(now_s, t_exp)
+        r, q = self._settings.iv_rate, self._settings.iv_dividend_yield
+        iv, delta, gamma, theta, vega = G.compute_iv_and_greeks(ltp, spot, strike, t_years, is_call, r, q,
+                                                                 futures=fut)
+        has_iv = ~np.isnan(given_iv)
+        if has_iv.any():  # Greeks from the feed's IV where it gave one
+            g = G.greeks(spot, strike, t_years, given_iv / 100.0, is_call, r, q, futures=fut)
+            iv = np.where(has_iv, given_iv, iv)
+            delta, gamma = np.where(has_iv, g["delta"], delta), np.where(has_iv, g["gamma"], gamma)
+            theta, vega = np.where(has_iv, g["theta"], theta), np.where(has_iv, g["vega"], vega)
+        metrics.GREEKS_COMPUTED.inc(n)
+
+        def val(t: market_pb2.OptionTick, name: str, arr: np.ndarray, i: int) -> float | None:
+            if t.HasField(name):
+                return float(getattr(t, name))
+            x = float(arr[i])
+            return None if math.isnan(x) else x
+
+        for i, (t, ts_us) in enumerate(ticks):
+            builder.add_option(t.underlying, t.expiry, t.strike, t.option_type == _CALL, ts_us, t.ltp, t.volume,
+                               t.oi, val(t, "iv", iv, i), val(t, "delta", delta, i), val(t, "gamma", gamma, i),
+                               val(t, "theta", theta, i), val(t, "vega", vega, i))
+
+    def _bar_arrays(self, rows: dict[tuple[str, str, float, int], list[B.LegBar | None]],
+                    closes: B.UnderlyingCloses, listed: B.ListedStrikes) -> list[list[Any]]:
+        """Column arrays of the 1M upsert (see ``store.pg._upsert_1m_sql``)."""
+        cols: list[list[Any]] = [[] for _ in range(7 + 30)]
+        u_a, e_a, s_a, b_a, uc_a, atm_a, lvl_a = cols[:7]
+        side_cols = (cols[7:22], cols[22:37])
+        atm_memo: dict[tuple[str, str, int], tuple[float | None, float | None]] = {}
+        for (u, e, s, b), legs in rows.items():
+            m = atm_memo.get((u, e, b))
+            if m is None:
+                uc = closes.price_at(u, b)
+                m = atm_memo[(u, e, b)] = (uc, listed.atm(u, e, b, uc))
+            uc, atm = m
+            step = self._steps.get(u)
+            u_a.append(u)
+            e_a.append(e)
+            s_a.append(s)
+            b_a.append(b)
+            uc_a.append(uc)
+            atm_a.append(atm)
+            lvl_a.append(B.moneyness(s, atm, step) if step else None)
+            for lb, c in zip(legs, side_cols, strict=True):
+                if lb is None:
+                    for col in c:
+                        col.append(None)
+                    continue
+                a = lb.agg
+                c[0].append(a[B.OPEN_US])
+                c[1].append(a[B.OPEN])
+                c[2].append(a[B.HIGH])
+                c[3].append(a[B.LOW])
+                c[4].append(a[B.CLOSE])
+                c[5].append(a[B.IV])
+                c[6].append(a[B.DELTA])
+                c[7].append(a[B.GAMMA])
+                c[8].append(a[B.THETA])
+                c[9].append(a[B.VEGA])
+                c[10].append(a[B.OI])
+                c[11].append(lb.oi_change)
+                c[12].append(lb.volume)
+                c[13].append(lb.day_volume)
+                c[14].append(a[B.CLOSE_US])
+        return cols
+
+    @staticmethod
+    def _underlying_arrays(builder: B.BarBuilder) -> list[list[Any]]:
+        cols: list[list[Any]] = [[] for _ in range(8)]
+        for u, ubars in builder.underlying.items():
+            for b, a in ubars.items():
+                cols[0].append(u)
+                cols[1].append(b)
+                cols[2].append(a[0])
+                cols[3].append(a[1])
+                cols[4].append(a[2])
+                cols[5].append(a[3])
+                cols[6].append(a[4])
+                cols[7].append(a[5])
+        return cols
+
+    def _expiry_str(self, d: dt.date) -> str:
+        s = self._expiry_text.get(d)
+        if s is None:
+            s = self._expiry_text[d] = d.isoformat()
+        return s
+
+    def _rollup_groups(self, src_rows: list[Any], tf: Timeframe, closes: B.UnderlyingCloses,
+                       listed: B.ListedStrikes) -> list[list[Any]]:
+        """Groups (7 arrays) of the ``tf`` rollup touched by the changed ``src_rows``; underlying close = the index
+        close of the bucket's last minute (carried forward), ATM among the strikes listed at that minute."""
+        keys: set[tuple[str, str, float, int]] = set()
+        for r in src_rows:
+            b = int(r["bucket_time"].timestamp())
+            keys.add((r["underlying"], self._expiry_str(r["expiry"]), float(r["strike"]), b - b % tf.seconds))
+        cols: list[list[Any]] = [[] for _ in range(7)]
+        memo: dict[tuple[str, str, int], tuple[float | None, float | None]] = {}
+        for u, e, s, b in sorted(keys):
+            m = memo.get((u, e, b))
+            if m is None:
+                last = B.last_minute_of(b, tf)
+                uc = closes.price_at(u, last)
+                m = memo[(u, e, b)] = (uc, listed.atm(u, e, last, uc))
+            step = self._steps.get(u)
+            cols[0].append(u)
+            cols[1].append(e)
+            cols[2].append(s)
+            cols[3].append(b)
+            cols[4].append(m[0])
+            cols[5].append(m[1])
+            cols[6].append(B.moneyness(s, m[1], step) if step else None)
+        return cols
+
+    async def _recompute_late(self, conn: asyncpg.Connection, late: set[tuple[str, str, float, int, str]],
+                              changed: dict[Timeframe, list[Any]],
+                              late_state_rows: dict[B.LegKey, list[Any]]) -> None:
+        """Late ticks: recompute day_volume/volume/oi_change over the whole session of every late leg whose bar
+        changed, and re-read those legs' state (two newest bars of their newest session)."""
+        changed_keys = {(r["underlying"], self._expiry_str(r["expiry"]), float(r["strike"]),
+                         int(r["bucket_time"].timestamp())) for r in changed[Timeframe.M1]}
+        todo: dict[str, set[tuple[str, str, float, int]]] = {"ce": set(), "pe": set()}
+        for u, e, s, b, side in late:
+            if (u, e, s, b) in changed_keys:
+                todo[side].add((u, e, s, b - b % B.DAY_S))
+        for side, legs in todo.items():
+            if not legs:
+                continue
+            ls = sorted(legs)
+            rows = await store.recompute_sessions(conn, side, [[x[0] for x in ls], [x[1] for x in ls],
+                                                               [x[2] for x in ls], [x[3] for x in ls]])
+            changed[Timeframe.M1].extend(rows)
+            for u, e, s, _d in ls:
+                key = (u, e, s, side == "ce")
+                st = self._states.get(key)
+                sess = (st.bucket if st is not None else _d) // B.DAY_S * B.DAY_S
+                state_rows = list(await store.load_leg_rows(conn, side, u, e, s, sess))
+                if state_rows:
+                    late_state_rows[key] = state_rows
+
+
+def _state_from_rows(rows: list[Any]) -> B.LegState:
+    """LegState from the (up to) two newest bars of a leg, newest first."""
+    r0 = rows[0]
+    st = B.LegState(int(r0["bucket_s"]), int(r0["close_us"]), int(r0["oi"] or 0), int(r0["day_volume"] or 0))
+    if len(rows) > 1:
+        r1 = rows[1]
+        st.prior_bucket, st.prior_oi, st.prior_day_volume = int(r1["bucket_s"]), int(r1["oi"] or 0), int(
+            r1["day_volume"] or 0)
+    return st

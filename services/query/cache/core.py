@@ -1,0 +1,187 @@
+"""The response cache in front of the views.
+
+Read path of one request (raw request bytes in, serialized response bytes out, nothing re-encoded on a hit):
+  1. L1 by (method, raw request bytes): served when its generation token equals the current one (after the
+     ``optmon:seq`` freshness check) and its TTL has not passed.
+  2. Otherwise parse + validate, and under single-flight by L2 key ``optmon:qc:<method>:<U>:<tf>:<gen>:<hash>``:
+     L2 (Redis, lz4 above a threshold), else compute from PostgreSQL, store in L1 and (in the background) L2,
+     plus a "last good" copy ``optmon:qc:last:<method>:<hash>`` for outages.
+  3. PostgreSQL down: the newest L1 entry of any generation, else the L2 last-good copy, served with the
+     response's ``stale`` field set (by appending the field's bytes: protobuf's last-one-wins); else UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lz4.frame
+import structlog
+
+from services.common.errors import Unavailable
+from services.query.cache import metrics
+from services.query.cache.generations import Generations
+from services.query.cache.l1 import Entry, L1Cache
+from services.query.cache.redis_gate import RedisDown, RedisGate
+from services.query.cache.singleflight import SingleFlight
+
+log = structlog.get_logger("query.cache")
+
+_RAW, _LZ4 = b"\x00", b"\x01"
+
+
+def stale_suffix(field_number: int) -> bytes:
+    """Wire bytes of ``bool <field_number> = true`` (appended to a serialized message it overrides the field)."""
+    tag = field_number << 3
+    out = bytearray()
+    while True:
+        b = tag & 0x7F
+        tag >>= 7
+        if tag:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            break
+    return bytes(out) + b"\x01"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A cached RPC: ``parse(raw) -> (query, scope)`` validates (raising FieldViolations / NotFound);
+    ``compute(query) -> bytes`` reads PostgreSQL (raising Unavailable when it is down); ``stale_field`` is the
+    response's ``stale`` field number (0 when it has none)."""
+
+    name: str
+    parse: Callable[[bytes], tuple[Any, tuple[str, int]]]
+    compute: Callable[[Any], Awaitable[bytes]]
+    stale_field: int = 0
+
+
+class ResponseCache:
+    """L1 + L2 + single-flight + stale serving. ``gate`` None disables L2."""
+
+    def __init__(self, l1: L1Cache, gate: RedisGate | None, gens: Generations, *, l1_ttl_s: float,
+                 l2_ttl_s: float, last_good_ttl_s: float, compress_threshold: int):
+        self.l1 = l1
+        self.gate = gate
+        self.gens = gens
+        self.l1_ttl = l1_ttl_s
+        self.l2_ttl = int(max(1, l2_ttl_s))
+        self.last_ttl = int(max(1, last_good_ttl_s))
+        self.threshold = compress_threshold
+        self.flights: SingleFlight[bytes] = SingleFlight()
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._hit = {}  # method -> prometheus child (cached lookups)
+        self._lat_l1 = metrics.LATENCY.labels("l1")
+        self._lat_l2 = metrics.LATENCY.labels("l2")
+        self._lat_pg = metrics.LATENCY.labels("pg")
+
+    def _count(self, kind: str, layer: str, method: str) -> None:
+        key = (kind, layer, method)
+        c = self._hit.get(key)
+        if c is None:
+            c = self._hit[key] = (metrics.HITS if kind == "hit" else metrics.MISSES).labels(layer, method)
+        c.inc()
+
+    async def serve(self, m: Method, raw: bytes) -> bytes:
+        """Serialized response bytes for the raw request of method ``m`` (see module doc)."""
+        t0 = time.perf_counter()
+        key = (m.name, raw)
+        e = self.l1.get(key)
+        if e is not None:
+            await self.gens.ensure_fresh(e.scope[0])
+            if e.token == self.gens.token(e.scope) and e.expires > time.monotonic():
+                self.l1.touch(key)
+                self._count("hit", "l1", m.name)
+                self._lat_l1.observe(time.perf_counter() - t0)
+                return e.data
+        self._count("miss", "l1", m.name)
+        query, scope = m.parse(raw)
+        await self.gens.ensure_fresh(scope[0])
+        token = self.gens.token(scope)
+        h = hashlib.blake2b(raw, digest_size=12).hexdigest()
+        l2key = f"optmon:qc:{m.name}:{scope[0]}:{scope[1]}:{token[1]}:{h}"
+        return await self.flights.do(l2key, lambda: self._fill(m, key, query, scope, token, l2key, h))
+
+    async def _fill(self, m: Method, key: tuple[str, bytes], query: Any, scope: tuple[str, int],
+                    token: tuple[int, int], l2key: str, h: str) -> bytes:
+        t0 = time.perf_counter()
+        data = await self._l2_get(l2key)
+        if data is not None:
+            self._count("hit", "l2", m.name)
+            self._lat_l2.observe(time.perf_counter() - t0)
+            self.l1.put(key, Entry(data, scope, token, time.monotonic() + self.l1_ttl))
+            return data
+        self._count("miss", "l2", m.name)
+        t1 = time.perf_counter()
+        try:
+            data = await m.compute(query)
+        except Unavailable:
+            metrics.PG_UP.set(0)
+            stale = await self._stale(m, key, h)
+            if stale is not None:
+                metrics.STALE.labels(m.name).inc()
+                return stale + stale_suffix(m.stale_field) if m.stale_field else stale
+            metrics.UNAVAILABLE.labels(m.name).inc()
+            raise
+        metrics.PG_UP.set(1)
+        self._lat_pg.observe(time.perf_counter() - t1)
+        self.l1.put(key, Entry(data, scope, token, time.monotonic() + self.l1_ttl))
+        if self.gate is not None and self.gate.usable:
+            blob = self._pack(data)
+            self._spawn(self._l2_set(l2key, blob, self.l2_ttl, f"optmon:qc:last:{m.name}:{h}", self.last_ttl))
+        return data
+
+    async def _stale(self, m: Method, key: tuple[str, bytes], h: str) -> bytes | None:
+        e = self.l1.get(key)
+        if e is not None:
+            return e.data
+        return await self._l2_get(f"optmon:qc:last:{m.name}:{h}")
+
+    def _pack(self, data: bytes) -> bytes:
+        if len(data) >= self.threshold:
+            return _LZ4 + lz4.frame.compress(data)
+        return _RAW + data
+
+    @staticmethod
+    def _unpack(blob: bytes) -> bytes:
+        if blob[:1] == _LZ4:
+            return lz4.frame.decompress(blob[1:])  # type: ignore[no-any-return]
+        return blob[1:]
+
+    async def _l2_get(self, k: str) -> bytes | None:
+        if self.gate is None or not self.gate.usable:
+            return None
+        try:
+            blob = await self.gate.call(lambda c: c.get(k))
+        except RedisDown:
+            return None
+        return self._unpack(blob) if blob else None
+
+    async def _l2_set(self, k: str, blob: bytes, ttl: int, last_k: str, last_ttl: int) -> None:
+        assert self.gate is not None
+
+        async def write(c: Any) -> None:
+            async with c.pipeline(transaction=False) as p:
+                p.set(k, blob, ex=ttl)
+                p.set(last_k, blob, ex=last_ttl)
+                await p.execute()
+
+        try:
+            await self.gate.call(write)
+        except RedisDown:
+            pass
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def drain(self) -> None:
+        """Wait for background L2 writes (tests, shutdown)."""
+        while self._bg:
+            await asyncio.gather(*list(self._bg), return_exceptions=True)

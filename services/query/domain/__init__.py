@@ -1,0 +1,1 @@
+"""Pure query logic: request validation, strike selection, chain analytics, page tokens (no grpc/asyncpg/redis)."""

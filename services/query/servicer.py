@@ -1,0 +1,157 @@
+"""QueryService over gRPC: proto ↔ domain translation and the cache wiring.
+
+Every RPC is registered through a generic handler with ``request_deserializer=None`` and
+``response_serializer=None``: the handler receives the raw request bytes (the L1 key, so a hit does not even parse
+the request) and returns serialized response bytes straight from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from optmon.v1 import query_service_pb2 as q_pb2
+
+from services.common.errors import FieldViolations, NotFound, Unavailable, abort_with
+from services.query import views
+from services.query.cache.core import Method, ResponseCache
+from services.query.cache.generations import ALL
+from services.query.domain import pagetoken
+from services.query.domain.requests import validate_bars, validate_chain, validate_distribution, validate_series
+from services.query.settings import QuerySettings
+from services.query.store.pg import PgStore
+
+SERVICE = "optmon.v1.QueryService"
+
+
+def _time(msg: Any, field: str) -> datetime | None:
+    if not msg.HasField(field):
+        return None
+    return getattr(msg, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+
+
+def _parse(cls: Any, raw: bytes) -> Any:
+    try:
+        return cls.FromString(raw)
+    except DecodeError:
+        fv = FieldViolations()
+        fv.add("request", "malformed protobuf message")
+        raise fv from None
+
+
+class QueryServicer:
+    """Builds the cached :class:`Method` of each RPC and the generic handler serving them."""
+
+    def __init__(self, settings: QuerySettings, store: PgStore, cache: ResponseCache):
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.steps = dict(settings.strike_steps)
+        s, steps = settings, self.steps
+
+        def dist_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+            r = _parse(q_pb2.GetStrikeDistributionRequest, raw)
+            q = validate_distribution(r.underlying, r.timeframe, list(r.expiries), r.strikes_around_atm,
+                                      list(r.indicators), _time(r, "as_of_time"), steps)
+            return q, (q.underlying, int(q.timeframe))
+
+        async def dist_compute(q: Any) -> bytes:
+            resp = await views.strike_distribution(store, q, steps[q.underlying], s.query_carry_buckets)
+            return resp.SerializeToString()  # type: ignore[no-any-return]
+
+        def series_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+            r = _parse(q_pb2.GetMoneynessSeriesRequest, raw)
+            q = validate_series(r.underlying, r.timeframe, list(r.expiries), r.indicator, r.side, r.levels,
+                                _time(r, "start_time"), _time(r, "end_time"), steps)
+            return q, (q.underlying, int(q.timeframe))
+
+        async def series_compute(q: Any) -> bytes:
+            return (await views.moneyness_series(store, q)).SerializeToString()  # type: ignore[no-any-return]
+
+        def chain_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+            r = _parse(q_pb2.GetOptionChainRequest, raw)
+            q = validate_chain(r.underlying, r.expiry, _time(r, "as_of_time"), steps)
+            return q, (q.underlying, 1)
+
+        async def chain_compute(q: Any) -> bytes:
+            resp = await views.option_chain(store, q, steps[q.underlying], s.query_carry_buckets,
+                                            s.query_iv_history_days)
+            return resp.SerializeToString()  # type: ignore[no-any-return]
+
+        def bars_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+            r = _parse(q_pb2.ListBarsRequest, raw)
+            q = validate_bars(r.underlying, r.timeframe, r.expiry, r.strike, r.option_type, _time(r, "start_time"),
+                              _time(r, "end_time"), r.page_size, None, datetime.now(UTC), steps)
+            fp = pagetoken.fingerprint(q.underlying, int(q.timeframe), r.expiry, r.strike, r.option_type,
+                                       r.start_time.ToMicroseconds() if r.HasField("start_time") else "",
+                                       r.end_time.ToMicroseconds() if r.HasField("end_time") else "")
+            return (q, r.page_token, fp), (q.underlying, int(q.timeframe))
+
+        async def bars_compute(a: Any) -> bytes:
+            q, token, fp = a
+            return (await views.list_bars(store, q, token, fp)).SerializeToString()  # type: ignore[no-any-return]
+
+        def exp_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+            r = _parse(q_pb2.ListExpiriesRequest, raw)
+            q = validate_chain(r.underlying, "", None, steps)
+            return q.underlying, (q.underlying, 1)
+
+        async def exp_compute(u: Any) -> bytes:
+            return (await views.list_expiries(store, u)).SerializeToString()  # type: ignore[no-any-return]
+
+        def und_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+            _parse(q_pb2.ListUnderlyingsRequest, raw)
+            return None, (ALL, 0)
+
+        async def und_compute(_: Any) -> bytes:
+            return (await views.list_underlyings(store, steps)).SerializeToString()  # type: ignore[no-any-return]
+
+        self.methods: dict[str, Method] = {
+            "GetStrikeDistribution": Method("GetStrikeDistribution", dist_parse, dist_compute, 6),
+            "GetMoneynessSeries": Method("GetMoneynessSeries", series_parse, series_compute, 8),
+            "GetOptionChain": Method("GetOptionChain", chain_parse, chain_compute, 17),
+            "ListBars": Method("ListBars", bars_parse, bars_compute, 0),
+            "ListExpiries": Method("ListExpiries", exp_parse, exp_compute, 0),
+            "ListUnderlyings": Method("ListUnderlyings", und_parse, und_compute, 0),
+        }
+
+    async def serve(self, name: str, raw: bytes) -> bytes:
+        """Serialized response of RPC ``name`` for raw request bytes (raises the domain errors)."""
+        return await self.cache.serve(self.methods[name], raw)
+
+    def _handler(self, m: Method) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+        cache = self.cache
+
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[type-arg]
+            try:
+                return await cache.serve(m, raw)
+            except (FieldViolations, NotFound, Unavailable) as e:
+                await abort_with(context, e)
+                raise  # unreachable: abort raises
+
+        return handle
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """The QueryService handler (raw bytes in and out)."""
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            name: grpc.unary_unary_rpc_method_handler(self._handler(m), request_deserializer=None,
+                                                      response_serializer=None)
+            for name, m in self.methods.items()
+        })
+
+    def warm_jobs(self) -> list[tuple[str, bytes]]:
+        """Default views of the popular underlyings (as clients send them: only the underlying set)."""
+        jobs: list[tuple[str, bytes]] = [("ListUnderlyings", b"")]
+        for u in self.settings.query_popular_underlyings:
+            if u not in self.steps:
+                continue
+            jobs += [
+                ("GetStrikeDistribution", q_pb2.GetStrikeDistributionRequest(underlying=u).SerializeToString()),
+                ("GetOptionChain", q_pb2.GetOptionChainRequest(underlying=u).SerializeToString()),
+                ("GetMoneynessSeries", q_pb2.GetMoneynessSeriesRequest(underlying=u).SerializeToString()),
+                ("ListExpiries", q_pb2.ListExpiriesRequest(underlying=u).SerializeToString()),
+            ]
+        return jobs

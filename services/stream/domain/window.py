@@ -1,0 +1,316 @@
+"""The per-(underlying, timeframe) book of latest bars, and a group's view: the window of strikes it shows, which
+follows each expiry's ATM (or stays on an explicit strike range), and the deltas between successive views.
+
+Delta semantics (documented for clients in docs/stream.md): per expiry, first drop ``removed`` strikes, then for each
+change: a strike not held is inserted whole; a held strike gets the fields present in the change. A change with
+``full=True`` for a strike the client may hold is also listed in ``removed`` (a replacement), so the client never
+keeps a value the server no longer has.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from services.stream.domain.filters import StreamFilter
+from services.stream.domain.model import Bar, Leg, field_mask, project_bar
+
+_EPS = 1e-6
+
+
+@dataclass(slots=True)
+class ExpiryBars:
+    """One expiry of a distribution: ATM strike (index points) and bars ascending by strike."""
+
+    expiry: str
+    atm_strike: float
+    bars: list[Bar]
+
+
+@dataclass(slots=True)
+class Distribution:
+    """A strike distribution: bucket start (UTC epoch s), underlying price (index points), per-expiry bars."""
+
+    underlying: str
+    timeframe: int
+    bucket_time: int
+    underlying_price: float
+    expiries: list[ExpiryBars]
+
+
+@dataclass(slots=True)
+class StrikeChange:
+    """One strike in a delta.
+
+    ``full``: a whole bar (legs None = absent side). Otherwise only the non-None leg values changed (a leg None =
+    unchanged), and ``atm_strike``/``moneyness_level`` are None when unchanged. ``bucket_time`` (UTC epoch s) and
+    ``underlying_close`` (index points) are always the bar's current values.
+    """
+
+    strike: float
+    full: bool
+    bucket_time: int
+    underlying_close: float
+    atm_strike: float | None
+    moneyness_level: int | None
+    call: Leg | None
+    put: Leg | None
+    #: Encoded form cached by the codec for the update that produced this change (shared by every group).
+    wire: bytes | None = None
+
+
+@dataclass(slots=True)
+class ExpiryChange:
+    """One expiry's changes: ATM now, changed/entering strikes, strikes that left (or are replaced)."""
+
+    expiry: str
+    atm_strike: float
+    bars: dict[float, StrikeChange] = field(default_factory=dict)
+    removed: set[float] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class DeltaUpdate:
+    """Changes of a group's view. ``receive_time``: earliest ingest receive time (UTC epoch s) of the updates
+    included, None when unknown; ``conflated``: updates merged into this one."""
+
+    bucket_time: int
+    underlying_price: float
+    expiries: list[ExpiryChange]
+    conflated: int = 0
+    receive_time: float | None = None
+
+
+class Book:
+    """Latest complete bar per (expiry, strike) of one underlying and timeframe, with each expiry's ATM strike."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, dict[float, Bar]] = {}
+        self.strikes: dict[str, list[float]] = {}
+        self.atm: dict[str, float] = {}
+        self._atm_time: dict[str, int] = {}
+        self.bucket_time = 0
+        self.underlying_price = 0.0
+        #: Expiries whose snapshot was loaded (``""`` = the default nearest ones were asked for).
+        self.seeded: set[str] = set()
+        #: The nearest expiries QueryService chose when none were asked for.
+        self.default_expiries: list[str] = []
+        #: Projections of the current bars, per (expiry, strike) and indicator set, shared by groups.
+        self._proj: dict[tuple[str, float], dict[tuple[int, ...], Bar]] = {}
+
+    def clear(self) -> None:
+        """Forget everything (after a resync)."""
+        self.__init__()  # type: ignore[misc]
+
+    def _put(self, expiry: str, bar: Bar) -> bool:
+        d = self.bars.get(expiry)
+        if d is None:
+            d = self.bars[expiry] = {}
+            self.strikes[expiry] = []
+        held = d.get(bar.strike)
+        if held is not None and (held.bucket_time > bar.bucket_time or held == bar):
+            return False
+        if held is None:
+            bisect.insort(self.strikes[expiry], bar.strike)
+        d[bar.strike] = bar
+        if bar.bucket_time >= self._atm_time.get(expiry, -1):
+            self.atm[expiry] = bar.atm_strike
+            self._atm_time[expiry] = bar.bucket_time
+        return True
+
+    def project(self, expiry: str, strike: float, indicators: tuple[int, ...], mask: tuple[bool, ...],
+                full_mask: bool) -> Bar:
+        """The held bar of (expiry, strike) restricted to ``indicators`` (one shared object per indicator set)."""
+        d = self._proj.get((expiry, strike))
+        if d is None:
+            d = self._proj[(expiry, strike)] = {}
+        b = d.get(indicators)
+        if b is None:
+            b = d[indicators] = project_bar(self.bars[expiry][strike], mask, full_mask)
+        return b
+
+    def apply(
+        self, bars: Iterable[tuple[str, Bar]], bucket_time: int, underlying_price: float
+    ) -> dict[str, dict[float, dict[tuple[int, ...], Bar]]]:
+        """Apply complete bars of one BarUpdate; returns the strikes whose bar changed, per expiry, each with the
+        projections of its previous bar (by indicator set) for the groups' shared diffs.
+
+        A bar older (by bucket) than the one held is ignored.
+        """
+        touched: dict[str, dict[float, dict[tuple[int, ...], Bar]]] = {}
+        for expiry, bar in bars:
+            if self._put(expiry, bar):
+                touched.setdefault(expiry, {})[bar.strike] = self._proj.pop((expiry, bar.strike), {})
+        if bucket_time >= self.bucket_time:
+            self.bucket_time = bucket_time
+            if underlying_price:
+                self.underlying_price = underlying_price
+        return touched
+
+    def seed(self, dist: Distribution, asked: Iterable[str]) -> None:
+        """Load a snapshot (bars not older than the held ones win) and mark ``asked`` expiries as seeded."""
+        for e in dist.expiries:
+            for bar in e.bars:
+                if self._put(e.expiry, bar):
+                    self._proj.pop((e.expiry, bar.strike), None)
+            if e.expiry not in self.atm or dist.bucket_time >= self._atm_time.get(e.expiry, -1):
+                self.atm[e.expiry] = e.atm_strike
+            self.seeded.add(e.expiry)
+        if dist.bucket_time >= self.bucket_time:
+            self.bucket_time = dist.bucket_time
+            self.underlying_price = dist.underlying_price
+        self.seeded.update(asked)
+
+    def window(self, expiry: str, flt: StreamFilter, step: float) -> list[float]:
+        """Strikes of ``expiry`` in the filter's window now, ascending (empty when the expiry has no data)."""
+        strikes = self.strikes.get(expiry)
+        if not strikes:
+            return []
+        if flt.explicit_range:
+            lo, hi = flt.strike_min, flt.strike_max
+        else:
+            atm = self.atm.get(expiry)
+            if atm is None:
+                return []
+            lo, hi = atm - flt.strikes_around_atm * step, atm + flt.strikes_around_atm * step
+        return strikes[bisect.bisect_left(strikes, lo - _EPS): bisect.bisect_right(strikes, hi + _EPS)]
+
+
+def _diff_leg(old: Leg | None, new: Leg | None) -> tuple[bool, Leg | None]:
+    """(needs_replacement, partial leg of changed values or None when unchanged)."""
+    if old == new:
+        return False, None
+    if old is None or new is None:
+        return True, None
+    out: list[float | int | None] = []
+    for o, n in zip(old, new, strict=True):
+        if o == n:
+            out.append(None)
+        elif n is None:
+            return True, None
+        else:
+            out.append(n)
+    return False, tuple(out)
+
+
+def diff_bar(old: Bar, new: Bar) -> StrikeChange | None:
+    """The change from ``old`` to ``new`` (same strike, projected alike), None when equal."""
+    if old == new:
+        return None
+    rc, call = _diff_leg(old.call, new.call)
+    rp, put = _diff_leg(old.put, new.put)
+    if rc or rp:
+        return full_change(new)
+    moved = old.atm_strike != new.atm_strike or old.moneyness_level != new.moneyness_level
+    return StrikeChange(new.strike, False, new.bucket_time, new.underlying_close,
+                        new.atm_strike if moved else None, new.moneyness_level if moved else None, call, put)
+
+
+def full_change(bar: Bar) -> StrikeChange:
+    """A whole-bar change (entering or replaced strike)."""
+    return StrikeChange(bar.strike, True, bar.bucket_time, bar.underlying_close, bar.atm_strike, bar.moneyness_level,
+                        bar.call, bar.put)
+
+
+class GroupView:
+    """What the subscribers of one filter hold: per expiry the projected bars of the window.
+
+    ``expiries`` is the resolved expiry list (the filter's, or the nearest ones from the first snapshot);
+    ``step`` is the underlying's strike step, index points.
+    """
+
+    def __init__(self, flt: StreamFilter, expiries: list[str], step: float) -> None:
+        self.filter = flt
+        self.expiries = expiries
+        self.step = step
+        self.mask = field_mask(flt.indicators)
+        self.full_mask = all(self.mask)
+        self.held: dict[str, dict[float, Bar]] = {}
+        self.atm: dict[str, float] = {}
+        self.windows: dict[str, list[float]] = {}
+
+    def _proj(self, book: Book, e: str, s: float) -> Bar:
+        return book.project(e, s, self.filter.indicators, self.mask, self.full_mask)
+
+    def rebuild(self, book: Book) -> None:
+        """Reset the view from the book (first snapshot, resync)."""
+        self.held = {}
+        self.atm = {}
+        self.windows = {}
+        for e in self.expiries:
+            w = book.window(e, self.filter, self.step)
+            self.windows[e] = w
+            self.held[e] = {s: self._proj(book, e, s) for s in w}
+            self.atm[e] = book.atm.get(e, 0.0)
+
+    def snapshot(self, book: Book, underlying: str) -> Distribution:
+        """The current view as a distribution (bars ascending by strike)."""
+        return Distribution(
+            underlying, self.filter.timeframe, book.bucket_time, book.underlying_price,
+            [ExpiryBars(e, self.atm.get(e, 0.0), [self.held[e][s] for s in self.windows.get(e, [])])
+             for e in self.expiries],
+        )
+
+    def apply(self, book: Book, touched: dict[str, dict[float, dict[tuple[int, ...], Bar]]],
+              cache: dict[tuple[str, float, tuple[int, ...], bool], StrikeChange | None] | None = None
+              ) -> DeltaUpdate | None:
+        """Advance the view after ``book`` took an update that changed ``touched`` strikes; None when the view is
+        unchanged (then nothing is sent). ``cache`` (one dict per update, shared by the groups) reuses the change
+        of a strike computed for another group with the same indicators (same objects, encoded once)."""
+        if cache is None:
+            cache = {}
+        inds = self.filter.indicators
+        changes: list[ExpiryChange] = []
+        for e in self.expiries:
+            t = touched.get(e)
+            atm = book.atm.get(e, 0.0)
+            if not t and atm == self.atm.get(e, 0.0):
+                continue
+            old_w = self.windows.get(e, [])
+            new_w = book.window(e, self.filter, self.step)
+            held = self.held.setdefault(e, {})
+            ch = ExpiryChange(e, atm)
+            if new_w != old_w:
+                new_set = set(new_w)
+                for s in old_w:
+                    if s not in new_set:
+                        ch.removed.add(s)
+                        del held[s]
+                for s in new_w:
+                    if s not in held:
+                        b = self._proj(book, e, s)
+                        held[s] = b
+                        key = (e, s, inds, True)
+                        c = cache.get(key)
+                        if c is None:
+                            c = cache[key] = full_change(b)
+                        ch.bars[s] = c
+                self.windows[e] = new_w
+            if t:
+                for s in new_w:
+                    prev = t.get(s)
+                    if prev is None or s in ch.bars:
+                        continue
+                    old = held[s]
+                    b = self._proj(book, e, s)
+                    if prev.get(inds) is old:
+                        key = (e, s, inds, False)
+                        if key in cache:
+                            c = cache[key]
+                        else:
+                            c = cache[key] = diff_bar(old, b)
+                    else:
+                        c = diff_bar(old, b)
+                    held[s] = b
+                    if c is not None:
+                        ch.bars[s] = c
+                        if c.full:
+                            ch.removed.add(s)
+            moved = atm != self.atm.get(e, 0.0)
+            self.atm[e] = atm
+            if ch.bars or ch.removed or moved:
+                changes.append(ch)
+        if not changes:
+            return None
+        return DeltaUpdate(book.bucket_time, book.underlying_price, changes)

@@ -1,0 +1,1 @@
+"""Adapters of the stream service: the Redis BarUpdate consumer and the QueryService snapshot client."""

@@ -1,0 +1,174 @@
+"""Failure tests of ingest on the real 18-Aug NIFTY data:
+
+- kill -9 of ``python -m services.ingest`` in the middle of a replay, restart, finish: every bar table equals an
+  uninterrupted run (no missing, no doubled tick), and the restarted process stops cleanly on SIGTERM;
+- PostgreSQL (a dedicated cluster, so the shared one is not disturbed) stopped for ~30 s in the middle of a replay:
+  ingest turns NOT_SERVING/degraded, stops acknowledging, refuses PublishTicks with UNAVAILABLE once the in-memory
+  bound is reached, and after PostgreSQL returns finishes with bars equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from optmon.v1 import ingest_service_pb2, ingest_service_pb2_grpc, market_pb2
+from prometheus_client import REGISTRY
+
+from services.devstack.pg import PgCluster
+from services.devstack.redis import free_port
+from services.ingest.server import app_of, create_server
+from services.ingest.store import migrations
+from tests.integration.ingest_inputs_support import (
+    chunked,
+    csv_snapshots,
+    describe_diff,
+    extra_database,
+    fetch_bars,
+    group_state,
+    redis_db,
+    reference_bars,
+    settings_for,
+    subprocess_env,
+    wait_drained,
+    xadd_batches,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "optmon:ticks:NIFTY"
+#: Seconds PostgreSQL stays down (issue 3 asks for 30 s).
+PG_OUTAGE_S = float(os.environ.get("OPTMON_TEST_PG_OUTAGE_S", "30"))
+
+
+def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+
+
+async def test_kill9_mid_replay_restart_equals_uninterrupted(pg_dsn: str, redis_url: str, pg_cluster: PgCluster,
+                                                            tmp_path: Path) -> None:
+    batches = chunked(csv_snapshots(24), 10_000)  # one entry per minute snapshot, as the replay publishes
+    r = aioredis.from_url(redis_url)
+    log = tmp_path / "ingest.log"
+    env = subprocess_env(pg_dsn, redis_url, OPTMON_INGEST_STREAM_READ_COUNT="1")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        await xadd_batches(r, KEY, batches)
+        first = _spawn(env, log)
+        procs.append(first)
+        deadline = time.monotonic() + 60
+        while (await group_state(r, KEY))[0] < len(batches) // 4:
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "ingest made no progress: " + log.read_text()[-3000:]
+            await asyncio.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        acked_at_kill, pending_at_kill = await group_state(r, KEY)
+        assert acked_at_kill < len(batches), "the replay finished before the kill"
+
+        second = _spawn(env, log)
+        procs.append(second)
+        await wait_drained(r, KEY, len(batches), limit_s=90)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0, log.read_text()[-3000:]
+        consumers = await r.xinfo_consumers(KEY, "ingest")
+        assert sum(int(c["pending"]) for c in consumers) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        await r.aclose()
+    got = await fetch_bars(pg_dsn)
+    with extra_database(pg_cluster) as ref_dsn:
+        ref = await reference_bars(ref_dsn, redis_db(redis_url, 1), batches)
+    assert len(got["bars_1m"]) > 1000
+    for table in ref:
+        assert got[table] == ref[table], (f"after kill -9 (acked {acked_at_kill}, pending {pending_at_kill}): "
+                                          + describe_diff(table, got[table], ref[table]))
+
+
+@pytest.fixture
+def private_pg() -> object:
+    """A dedicated, migrated PostgreSQL cluster this test may stop and start."""
+    root = Path(tempfile.mkdtemp(prefix="optmon-pgdown-"))
+    os.chmod(root, 0o755)
+    cluster = PgCluster(root=root / "pg", port=free_port())
+    cluster.init()
+    cluster.start()
+    migrations.apply(cluster.dsn)
+    yield cluster
+    cluster.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def _health(channel: grpc.aio.Channel) -> int:
+    resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    return int(resp.status)
+
+
+async def test_postgres_down_mid_replay_nothing_lost_or_doubled(private_pg: PgCluster, redis_url: str,
+                                                                pg_cluster: PgCluster) -> None:
+    cluster = private_pg
+    batches = chunked(csv_snapshots(16), 10_000)
+    half = len(batches) // 2
+    settings = settings_for(cluster.dsn, redis_url, ingest_pubsub_enabled=False, ingest_stream_read_count=1,
+                            ingest_max_pending_ticks=1000, ingest_retry_max_s=0.5)
+    server, port = await create_server(settings)
+    app = app_of(server)
+    r = aioredis.from_url(redis_url)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await app.wait_ready(30)
+        await xadd_batches(r, KEY, batches[:half])
+        await wait_drained(r, KEY, half)
+        assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+        await asyncio.to_thread(cluster.stop, "fast")
+        down_at = time.monotonic()
+        await xadd_batches(r, KEY, batches[half:])
+        while not (app.committer is not None and app.committer.degraded):
+            assert time.monotonic() - down_at < 20, "ingest did not notice PostgreSQL is down"
+            await asyncio.sleep(0.05)
+        assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert REGISTRY.get_sample_value("optmon_ingest_degraded") == 1.0
+        acked_down = (await group_state(r, KEY))[0]
+        # the in-memory bound: a feeder pushing more than it allows is told UNAVAILABLE
+        big = market_pb2.TickBatch(option_ticks=[t for b in csv_snapshots(18)[16:] for t in b.option_ticks][:1000])
+        stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.PublishTicks(iter([ingest_service_pb2.PublishTicksRequest(batch=big)]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.sleep(max(0.0, PG_OUTAGE_S - (time.monotonic() - down_at)))
+        acked_still, pending = await group_state(r, KEY)
+        assert acked_still == acked_down, "entries were acknowledged while PostgreSQL was down"
+        assert pending >= 1
+
+        await asyncio.to_thread(cluster.start)
+        await wait_drained(r, KEY, len(batches), limit_s=60)
+        deadline = time.monotonic() + 10
+        while await _health(channel) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert REGISTRY.get_sample_value("optmon_ingest_degraded") == 0.0
+    finally:
+        await channel.close()
+        await app.stop()
+        await r.aclose()
+    got = await fetch_bars(cluster.dsn)
+    with extra_database(pg_cluster) as ref_dsn:
+        ref = await reference_bars(ref_dsn, redis_db(redis_url, 1), batches)
+    assert len(got["bars_1m"]) > 1000
+    for table in ref:
+        assert got[table] == ref[table], "after the outage: " + describe_diff(table, got[table], ref[table])
