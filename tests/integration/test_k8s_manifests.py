@@ -155,3 +155,15 @@ def test_gateway_config_is_the_one_in_gateway_dir(overlay: tuple[str, Path, list
     envoy = shutil.which("envoy", path=str(BIN)) or "envoy"
     r = subprocess.run([envoy, "--mode", "validate", "-c", str(cfg), "-l", "error"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_dashboard_configmap_carries_every_static_file(overlay: tuple[str, Path, list[dict[str, Any]]]) -> None:
+    _, _, docs = overlay
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("gateway-static"))
+    static = ROOT / "gateway" / "static"
+    on_disk = {p.name: p.read_text() for p in static.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert {**cm.get("data", {})} == on_disk
+    dep = _deployments(docs)["gateway"]
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "static")
+    mounted = {i["path"] for i in vol["configMap"]["items"]}
+    assert mounted == {str(p.relative_to(static)) for p in static.rglob("*") if p.is_file() and p.name != "README.md"}
