@@ -10,5 +10,7 @@ $PY -m grpc_tools.protoc -I protos -I "$GAPI" -I "$GPROTO" \
   --python_out=gen --pyi_out=gen --grpc_python_out=gen protos/optmon/v1/*.proto
 touch gen/optmon/__init__.py gen/optmon/v1/__init__.py
 $PY -m grpc_tools.protoc -I protos -I "$GAPI" -I "$GPROTO" --include_imports --include_source_info \
-  --descriptor_set_out=gateway/optmon.pb protos/optmon/v1/*.proto
+  --descriptor_set_out=gateway/optmon.pb protos/optmon/v1/*.proto \
+  google/rpc/status.proto google/rpc/error_details.proto
+# (google.rpc.Status and its details are in the set so Envoy's convert_grpc_status can print error bodies.)
 echo "protos: generated gen/optmon/v1 and gateway/optmon.pb"
