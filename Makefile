@@ -22,15 +22,14 @@ up: install
 up-noreplay: install
 	$(VENV)/bin/optmon up --no-replay
 
-## test: everything CI runs — install, ruff, the whole pytest suite (unit, integration, e2e)
+## test: everything CI runs — install, ruff, the whole pytest suite (unit, integration, e2e); both always run, and
+## the target fails when either fails (pytest's exit 5, "no tests collected", is a failure too)
 test: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest tests
+	@rc=0; $(VENV)/bin/ruff check . || rc=1; $(VENV)/bin/pytest tests || rc=$$?; exit $$rc
 
 ## lint: ruff + mypy
 lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy services benchmarks
+	@rc=0; $(VENV)/bin/ruff check . || rc=1; $(VENV)/bin/mypy services benchmarks || rc=1; exit $$rc
 
 ## bench: every benchmarks/bench_*.py against shared private PostgreSQL/Redis; table + .bench/results.json
 bench: install

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from benchmarks.harness import Result, format_table
 from services.ingest.domain.greeks import SECONDS_PER_YEAR, compute_iv_and_greeks, option_price
+
+if TYPE_CHECKING:
+    from benchmarks.run import BenchContext
 
 N_CONTRACTS = 100_000
 N_BASELINE = 2_000
@@ -94,7 +97,7 @@ def _measure() -> list[Result]:
     ]
 
 
-async def run(ctx: Any = None) -> list[Result]:
+async def run(ctx: BenchContext | None = None) -> list[Result]:
     """Benchmark entry point (``benchmarks/harness.py`` protocol); ``ctx`` is unused (no PostgreSQL/Redis needed)."""
     return await asyncio.to_thread(_measure)
 

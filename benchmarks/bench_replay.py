@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from benchmarks.harness import Result, format_table
+from benchmarks.harness import Result
 from services.replay.publisher import publish
 from services.replay.sources import ErrorLog, open_source
 from services.replay.synthetic import synthetic_session
@@ -61,4 +61,4 @@ async def run(ctx: Any) -> list[Result]:
 if __name__ == "__main__":
     from benchmarks.run import standalone
 
-    print(format_table(asyncio.run(standalone(run))))
+    asyncio.run(standalone(run))  # prints the table

@@ -115,7 +115,7 @@ async def _up(args: argparse.Namespace) -> int:
 
     replay: subprocess.Popen[bytes] | None = None
     plan = _replay_argv(args)
-    env = stack.child_env("replay")
+    env = {**stack.child_env("replay"), "OPTMON_LOG_JSON": "false"}  # a person reads this one: console lines
     if plan:
         argv, what = plan
         print(f"replaying {what}", flush=True)

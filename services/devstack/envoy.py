@@ -6,7 +6,8 @@ One template serves every deployment (:class:`GatewayConfig` holds what differs)
 * Kubernetes: upstreams ``query:50052`` / ``stream:50053`` (service DNS names), files under ``/etc/optmon/gateway``.
 
 Both committed renderings (``gateway/envoy.yaml`` and ``gateway/envoy.k8s.yaml``) are regenerated with
-``python -m services.devstack.envoy render-committed`` and checked for drift by ``tests/integration/test_gateway_config.py``.
+``python -m services.devstack.envoy render-committed`` and checked for drift by
+``tests/integration/test_gateway_config.py``.
 
 Command line::
 
@@ -98,8 +99,8 @@ class GatewayConfig:
     gateway_dir: str = str(GATEWAY_DIR)
     #: Allowed CORS origins (exact), or ``*`` for any.
     cors_origins: tuple[str, ...] = ("http://127.0.0.1:8080", "http://localhost:8080")
-    rate_limit_rps: int = 50
-    rate_limit_burst: int = 200
+    rate_limit_rps: int = 1000
+    rate_limit_burst: int = 2000
     unary_timeout_s: float = 15.0
     stream_max_duration_s: float = 3600.0
     health_interval_s: float = 2.0
@@ -117,10 +118,12 @@ class GatewayConfig:
     @classmethod
     def k8s(cls, **overrides: object) -> GatewayConfig:
         """The Kubernetes variant: listens on 0.0.0.0:8080 (admin 0.0.0.0:9901), upstreams by service DNS name,
-        files at :data:`K8S_DESCRIPTOR`, :data:`K8S_STATIC_DIR`, :data:`K8S_JWKS`, any origin (overlays narrow it)."""
+        files at :data:`K8S_DESCRIPTOR`, :data:`K8S_STATIC_DIR`, :data:`K8S_JWKS`, any origin (overlays narrow it),
+        50 requests/s per client (burst 200), client address from one trusted X-Forwarded-For hop (the ingress)."""
         base = cls(listen_address="0.0.0.0", admin_address="0.0.0.0", query_addr="query:50052",
                    stream_addr="stream:50053", descriptor_path=K8S_DESCRIPTOR, static_dir=K8S_STATIC_DIR,
-                   jwks_path=K8S_JWKS, cors_origins=("*",), xff_trusted_hops=1)
+                   jwks_path=K8S_JWKS, cors_origins=("*",), xff_trusted_hops=1, rate_limit_rps=50,
+                   rate_limit_burst=200)
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     @classmethod
@@ -143,8 +146,8 @@ class GatewayConfig:
                 for o in e.get("OPTMON_GATEWAY_CORS_ORIGINS", f"http://127.0.0.1:{port},http://localhost:{port}")
                 .split(",") if o.strip()
             ),
-            "rate_limit_rps": int(e.get("OPTMON_GATEWAY_RATE_LIMIT_RPS", "50")),
-            "rate_limit_burst": int(e.get("OPTMON_GATEWAY_RATE_LIMIT_BURST", "200")),
+            "rate_limit_rps": int(e.get("OPTMON_GATEWAY_RATE_LIMIT_RPS", "1000")),
+            "rate_limit_burst": int(e.get("OPTMON_GATEWAY_RATE_LIMIT_BURST", "2000")),
             "auth": e.get("OPTMON_GATEWAY_AUTH", "none"),
             "api_keys": json.loads(e.get("OPTMON_GATEWAY_API_KEYS", "{}")),
             "jwks_path": e.get("OPTMON_GATEWAY_JWKS", ""),
@@ -171,6 +174,9 @@ def _seconds(s: float) -> str:
     return f"{s:g}s"
 
 
+_OVERWRITE = "OVERWRITE_IF_EXISTS_OR_ADD"
+
+
 def _static_routes(static_dir: str) -> str:
     lines: list[str] = []
     for path, (name, ctype) in STATIC_FILES.items():
@@ -178,8 +184,8 @@ def _static_routes(static_dir: str) -> str:
             f"              - match: {{path: {_q(path)}}}",
             f"                direct_response: {{status: 200, body: {{filename: {_q(static_dir + '/' + name)}}}}}",
             "                response_headers_to_add:",
-            f"                - {{append_action: OVERWRITE_IF_EXISTS_OR_ADD, header: {{key: content-type, value: {_q(ctype)}}}}}",
-            "                - {append_action: OVERWRITE_IF_EXISTS_OR_ADD, header: {key: cache-control, value: no-cache}}",
+            f"                - {{append_action: {_OVERWRITE}, header: {{key: content-type, value: {_q(ctype)}}}}}",
+            f"                - {{append_action: {_OVERWRITE}, header: {{key: cache-control, value: no-cache}}}}",
             "                typed_per_filter_config: &static_filters" if not lines else
             "                typed_per_filter_config: *static_filters",
         ]
@@ -244,7 +250,9 @@ def render(cfg: GatewayConfig, header: str = "") -> str:
     )
 
 
-_GENERATED = "# GENERATED from gateway/envoy.yaml.tmpl by `python -m services.devstack.envoy render-committed`; do not edit."
+_GENERATED = (
+    "# GENERATED from gateway/envoy.yaml.tmpl by `python -m services.devstack.envoy render-committed`; do not edit."
+)
 
 #: The committed renderings: file name under gateway/ → config.
 def committed_configs() -> dict[str, GatewayConfig]:
@@ -265,7 +273,9 @@ def render_committed() -> dict[str, str]:
     return {name: render(cfg, header=_GENERATED + "\n" + notes[name]) for name, cfg in committed_configs().items()}
 
 
-def validate(config_text: str, gateway_dir: str | Path | None = None, k8s: bool = False) -> subprocess.CompletedProcess[str]:
+def validate(
+    config_text: str, gateway_dir: str | Path | None = None, k8s: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run ``envoy --mode validate`` on ``config_text``. With ``k8s`` the Kubernetes file paths (:data:`K8S_DESCRIPTOR`,
     :data:`K8S_STATIC_DIR`) are pointed at ``gateway_dir`` (default the repo's gateway/) so the check runs outside
     the container. Returns the completed process (returncode 0 = valid)."""

@@ -207,6 +207,15 @@ def stop_stale_children(run_dir: Path) -> list[int]:
     return stopped
 
 
+def _alive(pid_file: Path, name: bytes) -> bool:
+    """True when ``pid_file`` names a running process whose command line contains ``name``."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        return name in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
 async def wait_grpc_healthy(port: int, child: Child | None, timeout_s: float, host: str = "127.0.0.1") -> None:
     """Block until ``host:port`` answers grpc.health.v1 Check("") with SERVING.
 
@@ -364,9 +373,11 @@ class Stack:
         wanted = [*self.cfg.services]
         if self.cfg.gateway:
             wanted += ["gateway", "envoy_admin"]
-        if not self.cfg.pg_dsn:
+        state = self.cfg.state_dir
+        # our own PostgreSQL / Redis left running by a killed supervisor are reused / restarted, not refused
+        if not self.cfg.pg_dsn and not PgCluster(root=state / "pg", port=self.cfg.ports["pg"]).running():
             wanted.append("pg")
-        if not self.cfg.redis_url:
+        if not self.cfg.redis_url and not _alive(state / "redis" / "redis.pid", b"redis-server"):
             wanted.append("redis")
         wanted += [f"{s}_metrics" for s in self.cfg.services]
         taken = [f"{name} {self.cfg.ports[name]} ({PORT_ENV.get(name, '')})" for name in wanted
@@ -395,22 +406,47 @@ class Stack:
         else:
             self.out(f"Redis       {self.cfg.redis_url}  (existing server, OPTMON_REDIS_URL)")
 
+    async def _finish(self, fn: Callable[..., Any], *args: Any, on_late: Callable[[Any], None] | None = None) -> Any:
+        """Run a blocking start step in a thread. When the start is cancelled (Ctrl-C) meanwhile, wait for the step to
+        finish before re-raising, so :meth:`stop` sees — and stops — whatever the step started (``on_late`` gets the
+        step's result then)."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                result = await fut
+                if on_late is not None:
+                    on_late(result)
+            raise
+
+    def _set_gateway(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
     async def start(self) -> StartReport:
         """Start everything and wait until the gateway answers ``GET /v1/underlyings`` (or, without a gateway,
         until every service is healthy). Raises StackError (after stopping what was started) on failure."""
         t0 = time.monotonic()
         try:
             self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            stale = await asyncio.to_thread(stop_stale_children, self.cfg.state_dir / "run")
+            stale = await self._finish(stop_stale_children, self.cfg.state_dir / "run")
             if stale:
                 self.out(f"stopped {len(stale)} process(es) left over by an earlier run: {stale}")
             self._check_ports()
-            await asyncio.to_thread(self._start_infra)
+            try:
+                await self._finish(self._start_infra)
+            except (OSError, TimeoutError, subprocess.CalledProcessError) as e:
+                detail = getattr(e, "stderr", "") or ""
+                raise StackError(f"PostgreSQL/Redis did not start: {e} {detail}".strip()) from None
             self.report.infra_s = time.monotonic() - t0
 
             from services.ingest.store import migrations
 
-            self.report.migrations_applied = await asyncio.to_thread(migrations.apply, self.pg_dsn)
+            try:
+                self.report.migrations_applied = await self._finish(migrations.apply, self.pg_dsn)
+            except Exception as e:  # unreachable server, bad credentials, failing SQL
+                where = self.pg_dsn.split("@")[-1]  # no credentials in the message
+                raise StackError(f"migrations failed on {where}: {type(e).__name__}: {e}") from None
             self.report.migrated_s = time.monotonic() - t0
             self.out(f"migrations  {self.report.migrations_applied} applied")
 
@@ -422,7 +458,8 @@ class Stack:
                 child.start()
                 self.children[name] = child
             if self.cfg.gateway:
-                self.gateway = await asyncio.to_thread(start_gateway, self.cfg, self.cfg.state_dir / "run")
+                self.gateway = await self._finish(start_gateway, self.cfg, self.cfg.state_dir / "run",
+                                                  on_late=self._set_gateway)
             await asyncio.gather(*(wait_grpc_healthy(c.port or 0, c, self.cfg.health_timeout_s, self.cfg.host)
                                    for c in self.children.values()))
             self.report.healthy_s = time.monotonic() - t0

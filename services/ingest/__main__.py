@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
@@ -19,7 +21,7 @@ from services.common.server import start_metrics
 
 
 async def _main() -> None:
-    from services.ingest.server import create_server, stop_server
+    from services.ingest.server import app_of, create_server, stop_server
     from services.ingest.settings import IngestSettings
 
     settings = IngestSettings()
@@ -27,16 +29,23 @@ async def _main() -> None:
     structlog.contextvars.bind_contextvars(service="ingest")
     start_metrics(settings.metrics_port)
     server, _port = await create_server(settings)
+    app = app_of(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(app.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
     await stop_server(server)
+    if app.failed.is_set():
+        sys.exit(1)
 
 
 def main() -> None:
     """Entry point."""
+    runner: Callable[..., Any]
     try:
         import uvloop
 

@@ -17,14 +17,14 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 import numpy as np
 import redis.asyncio as aioredis
 import structlog
-
 from optmon.v1 import ingest_service_pb2, market_pb2
+
 from services.common.domain.timeframes import ROLLUPS, Timeframe
 from services.ingest import metrics
 from services.ingest.domain import bars as B
@@ -206,8 +206,8 @@ class Pipeline:
                     if reason:
                         name = _reason_name(reason)
                         rejected[name] = rejected.get(name, 0) + 1
-                        dead.append(ingest_service_pb2.DeadLetter(reason=reason, detail=detail, source=source,
-                                                                  underlying_tick=ut))
+                        dead.append(ingest_service_pb2.DeadLetter(
+                            reason=cast(Any, reason), detail=detail, source=source, underlying_tick=ut))
                         continue
                 ts = ut.exchange_time
                 add_underlying(ut.underlying, ts.seconds * 1_000_000 + ts.nanos // 1000, ut.price)
@@ -219,8 +219,8 @@ class Pipeline:
                     if reason:
                         name = _reason_name(reason)
                         rejected[name] = rejected.get(name, 0) + 1
-                        dead.append(ingest_service_pb2.DeadLetter(reason=reason, detail=detail, source=source,
-                                                                  option_tick=t))
+                        dead.append(ingest_service_pb2.DeadLetter(
+                            reason=cast(Any, reason), detail=detail, source=source, option_tick=t))
                         continue
                     if susp:
                         result.suspicious += 1
@@ -273,6 +273,14 @@ class Pipeline:
                     late.add((u, e, s, b, "ce" if is_call else "pe"))
 
         arrays = self._bar_arrays(rows, closes, listed)
+        # (underlying, expiry, 1M bucket) whose index close or listed strikes may have changed: every bar of their
+        # buckets (all timeframes) is re-stamped when the underlying close / ATM differs from the committed state.
+        refresh_candidates = {(u, e, b) for (u, e, _s, b) in rows}
+        for u, ubars in builder.underlying.items():
+            expiries = listed.expiries(u)
+            for b in ubars:
+                sess = b // B.DAY_S
+                refresh_candidates.update((u, e, b) for e, d in expiries if d == sess)
         uarrays = self._underlying_arrays(builder)
         new_days = builder.dates() - self._known_days
 
@@ -299,6 +307,10 @@ class Pipeline:
                             break
                         src = changed[tf] = list(await store.rollup(conn, tf, self._rollup_groups(src, tf, closes,
                                                                                                    listed)))
+                    for tf in Timeframe:
+                        groups = self._refresh_groups(tf, refresh_candidates, closes, listed)
+                        if groups[0]:
+                            changed[tf].extend(await store.refresh_moneyness(conn, tf, groups))
             commit_time = dt.datetime.now(dt.UTC)
         except Exception as e:
             if store.is_unavailable(e):
@@ -315,8 +327,9 @@ class Pipeline:
         self._closes = closes
         self._listed = listed
         days = builder.dates()
-        if days:
-            self._horizon_s = max(self._horizon_s, max(days) * B.DAY_S)
+        if days and max(days) * B.DAY_S > self._horizon_s:
+            self._horizon_s = max(days) * B.DAY_S
+            self._prune()
 
         metrics.ACCEPTED.inc(result.accepted)
         if result.suspicious:
@@ -370,6 +383,17 @@ class Pipeline:
                     log.warning("ingest.analyze_failed", error=f"{type(e).__name__}: {e}")
 
     # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _prune(self) -> None:
+        """Bound memory when a new session starts: forget leg states and listed strikes of sessions more than two
+        days before it, and index closes older than the retention (late ticks that old take the slow SQL path)."""
+        keep_from = self._horizon_s - 2 * B.DAY_S
+        self._states = {k: st for k, st in self._states.items() if st.bucket >= keep_from}
+        self._listed = B.ListedStrikes({k: v for k, v in self._listed.first.items() if k[2] * B.DAY_S >= keep_from})
+        days = max(self._settings.ingest_retention_days, 3)
+        self._closes.prune_before(self._horizon_s - days * B.DAY_S)
+        self._day_rows = {d: v for d, v in self._day_rows.items() if d * B.DAY_S >= keep_from}
+
 
     def _add_with_greeks(self, builder: B.BarBuilder, ticks: list[tuple[market_pb2.OptionTick, int]],
                          closes: B.UnderlyingCloses) -> None:
@@ -432,47 +456,24 @@ class Pipeline:
 
     def _bar_arrays(self, rows: dict[tuple[str, str, float, int], list[B.LegBar | None]],
                     closes: B.UnderlyingCloses, listed: B.ListedStrikes) -> list[list[Any]]:
-        """Column arrays of the 1M upsert (see ``store.pg._upsert_1m_sql``)."""
-        cols: list[list[Any]] = [[] for _ in range(7 + 30)]
-        u_a, e_a, s_a, b_a, uc_a, atm_a, lvl_a = cols[:7]
-        side_cols = (cols[7:22], cols[22:37])
+        """Column arrays of the 1M upsert (see ``store.pg._upsert_1m_sql``): rows built as lists, then transposed."""
         atm_memo: dict[tuple[str, str, int], tuple[float | None, float | None]] = {}
-        for (u, e, s, b), legs in rows.items():
+        steps = self._steps
+        none15 = [None] * 15
+        out: list[list[Any]] = []
+        for (u, e, s, b), (ce, pe) in rows.items():
             m = atm_memo.get((u, e, b))
             if m is None:
                 uc = closes.price_at(u, b)
                 m = atm_memo[(u, e, b)] = (uc, listed.atm(u, e, b, uc))
-            uc, atm = m
-            step = self._steps.get(u)
-            u_a.append(u)
-            e_a.append(e)
-            s_a.append(s)
-            b_a.append(b)
-            uc_a.append(uc)
-            atm_a.append(atm)
-            lvl_a.append(B.moneyness(s, atm, step) if step else None)
-            for lb, c in zip(legs, side_cols, strict=True):
-                if lb is None:
-                    for col in c:
-                        col.append(None)
-                    continue
-                a = lb.agg
-                c[0].append(a[B.OPEN_US])
-                c[1].append(a[B.OPEN])
-                c[2].append(a[B.HIGH])
-                c[3].append(a[B.LOW])
-                c[4].append(a[B.CLOSE])
-                c[5].append(a[B.IV])
-                c[6].append(a[B.DELTA])
-                c[7].append(a[B.GAMMA])
-                c[8].append(a[B.THETA])
-                c[9].append(a[B.VEGA])
-                c[10].append(a[B.OI])
-                c[11].append(lb.oi_change)
-                c[12].append(lb.volume)
-                c[13].append(lb.day_volume)
-                c[14].append(a[B.CLOSE_US])
-        return cols
+            step = steps.get(u)
+            row = [u, e, s, b, m[0], m[1], B.moneyness(s, m[1], step) if step else None]
+            row += none15 if ce is None else [*ce.agg[:12], ce.day_volume, ce.volume, ce.oi_change]
+            row += none15 if pe is None else [*pe.agg[:12], pe.day_volume, pe.volume, pe.oi_change]
+            out.append(row)
+        if not out:
+            return [[] for _ in range(37)]
+        return [list(c) for c in zip(*out, strict=True)]
 
     @staticmethod
     def _underlying_arrays(builder: B.BarBuilder) -> list[list[Any]]:
@@ -500,9 +501,14 @@ class Pipeline:
         """Groups (7 arrays) of the ``tf`` rollup touched by the changed ``src_rows``; underlying close = the index
         close of the bucket's last minute (carried forward), ATM among the strikes listed at that minute."""
         keys: set[tuple[str, str, float, int]] = set()
+        ts_memo: dict[dt.datetime, int] = {}
         for r in src_rows:
-            b = int(r["bucket_time"].timestamp())
-            keys.add((r["underlying"], self._expiry_str(r["expiry"]), float(r["strike"]), b - b % tf.seconds))
+            bt = r[3]
+            b = ts_memo.get(bt)
+            if b is None:
+                b = int(bt.timestamp())
+                b = ts_memo[bt] = b - b % tf.seconds
+            keys.add((r[0], self._expiry_str(r[1]), r[2], b))
         cols: list[list[Any]] = [[] for _ in range(7)]
         memo: dict[tuple[str, str, int], tuple[float | None, float | None]] = {}
         for u, e, s, b in sorted(keys):
@@ -519,6 +525,28 @@ class Pipeline:
             cols[4].append(m[0])
             cols[5].append(m[1])
             cols[6].append(B.moneyness(s, m[1], step) if step else None)
+        return cols
+
+    def _refresh_groups(self, tf: Timeframe, candidates: set[tuple[str, str, int]], closes: B.UnderlyingCloses,
+                        listed: B.ListedStrikes) -> list[list[Any]]:
+        """Groups (6 arrays) of ``tf`` buckets whose underlying close or ATM strike (at the bucket's last minute)
+        differs between the committed state and ``closes``/``listed``."""
+        keys = {(u, e, b - b % tf.seconds) for u, e, b in candidates}
+        cols: list[list[Any]] = [[] for _ in range(6)]
+        for u, e, b in sorted(keys):
+            step = self._steps.get(u)
+            if not step:
+                continue
+            last = B.last_minute_of(b, tf)
+            uc = closes.price_at(u, last)
+            if uc is None:
+                continue
+            atm = listed.atm(u, e, last, uc)
+            old_uc = self._closes.price_at(u, last)
+            if uc == old_uc and atm == self._listed.atm(u, e, last, old_uc):
+                continue
+            for c, v in zip(cols, (u, e, b, uc, atm, step), strict=True):
+                c.append(v)
         return cols
 
     async def _recompute_late(self, conn: asyncpg.Connection, late: set[tuple[str, str, float, int, str]],

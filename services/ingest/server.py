@@ -57,11 +57,13 @@ class IngestApp:
         self.redis: aioredis.Redis | None = None
         self.pool: asyncpg.Pool | None = None
         self.pipeline: Any = None
-        self.validator: Validator | None = None
+        self.validator = Validator(settings)  # cheap; raises ValueError on bad rules at once
         self.committer: Committer | None = None
         self.consumer: StreamConsumer | None = None
         self.pubsub: PubSubInput | None = None
         self.ready = asyncio.Event()
+        #: Set when the background start-up failed for good (not a retried outage): the process should exit.
+        self.failed = asyncio.Event()
         self._stopping = False
         self._bring_up_task: asyncio.Task[None] | None = None
 
@@ -72,6 +74,13 @@ class IngestApp:
     def start(self) -> None:
         """Start the background bring-up (returns at once)."""
         self._bring_up_task = asyncio.create_task(self._bring_up(), name="ingest-bring-up")
+        self._bring_up_task.add_done_callback(self._bring_up_done)
+
+    def _bring_up_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("ingest.startup_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            self.failed.set()
 
     async def _retry(self, what: str, op: Any) -> Any:
         delay = self.settings.ingest_retry_initial_s
@@ -90,7 +99,6 @@ class IngestApp:
 
         self.redis = aioredis.from_url(s.redis_url)
         self.pool = await self._retry("postgres", lambda: _create_pool(s))
-        self.validator = Validator(s)
         self.pipeline = Pipeline(s, self.pool, self.redis, validator=self.validator)
         await self._retry("pipeline", self.pipeline.start)
         self.committer = Committer(

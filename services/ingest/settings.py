@@ -44,8 +44,8 @@ class IngestSettings(CommonSettings):
     ingest_max_tick_age_s: float = Field(default=0.0, ge=0)
     #: Reject ticks whose exchange time (IST) lies outside [session_start, session_end]; "HH:MM" IST.
     ingest_session_check: bool = True
-    ingest_session_start: str = "09:00"
-    ingest_session_end: str = "15:45"
+    ingest_session_start: str = Field(default="09:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    ingest_session_end: str = Field(default="15:45", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     #: Reject strikes off the underlying's strike grid (``strike_steps``).
     ingest_strike_grid_check: bool = True
     #: LTP move against the contract's previous tick above this fraction is suspicious (0.10 = 10 %).

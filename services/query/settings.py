@@ -38,7 +38,7 @@ class QuerySettings(CommonSettings):
     #: Underlyings whose default views are recomputed right after each update (cache warming).
     query_popular_underlyings: list[str] = Field(default_factory=lambda: ["NIFTY"])
     #: Debounce of warming after updates, milliseconds.
-    query_warm_debounce_ms: float = 200.0
+    query_warm_debounce_ms: float = 25.0
     #: Disable the background stream consumer / warmer (tests of pure PostgreSQL paths).
     query_consume_updates: bool = True
     #: A strike without a bar in the chosen bucket carries its newest bar from at most this many buckets back

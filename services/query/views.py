@@ -110,7 +110,8 @@ async def strike_distribution(store: PgStore, q: DistributionQuery, step: float,
             if float(r["strike"]) in w:
                 by_exp[r["expiry"]].append(r)
         resp = q_pb2.GetStrikeDistributionResponse(
-            underlying=q.underlying, timeframe=int(q.timeframe), bucket_time=_ts(bucket), underlying_price=price)
+            underlying=q.underlying, timeframe=int(q.timeframe),  # type: ignore[arg-type]
+            bucket_time=_ts(bucket), underlying_price=price)
         inds = q.indicators
         for e in expiries:
             atm, w = windows.get(e, (0.0, {}))
@@ -158,8 +159,8 @@ async def moneyness_series(store: PgStore, q: SeriesQuery) -> q_pb2.GetMoneyness
         rows = await store.moneyness_series(conn, q.underlying, q.timeframe, expiries, q.indicator, q.side,
                                             q.levels, start, end)
         resp = q_pb2.GetMoneynessSeriesResponse(
-            underlying=q.underlying, timeframe=int(q.timeframe), indicator=q.indicator, side=q.side,
-            start_time=_ts(start), end_time=_ts(end))
+            underlying=q.underlying, timeframe=int(q.timeframe), indicator=q.indicator,  # type: ignore[arg-type]
+            side=q.side, start_time=_ts(start), end_time=_ts(end))  # type: ignore[arg-type]
         order = {e: i for i, e in enumerate(expiries)}
         is_call = q.side == 1
         for r in sorted(rows, key=lambda r: (order[r["expiry"]], r["level"])):

@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.logging import get_logger
 from services.common.settings import DEFAULT_STRIKE_STEPS
@@ -139,8 +141,8 @@ async def run(args: argparse.Namespace, settings: Any) -> ReplayStats:
     ``settings.redis_url``) or, with ``--grpc``, to ``IngestService.PublishTicks``.
 
     ``settings``: a ``CommonSettings`` (``redis_url``, ``lot_sizes``, ``strike_steps``). Returns the
-    :class:`ReplayStats` (malformed rows counted in ``errors``). Raises SystemExit with a message for bad arguments
-    or an unreadable source; Redis/gRPC failures propagate.
+    :class:`ReplayStats` (malformed rows counted in ``errors``). Raises SystemExit with a message (exit code 1) for
+    bad arguments, an unreadable source, an unreachable Redis or a failed PublishTicks call.
     """
     errors = ErrorLog()
     snaps, what = snapshots_for(args, settings, errors)
@@ -155,12 +157,18 @@ async def run(args: argparse.Namespace, settings: Any) -> ReplayStats:
     grpc_addr = getattr(args, "grpc", None)
     if grpc_addr:
         async with grpc.aio.insecure_channel(grpc_addr) as channel:
-            return await publish_grpc(snaps, channel, speed=speed, max_speed=max_speed, progress=progress,
-                                      errors=lambda: errors.count, max_gap_s=max_gap)
+            try:
+                return await publish_grpc(snaps, channel, speed=speed, max_speed=max_speed, progress=progress,
+                                          errors=lambda: errors.count, max_gap_s=max_gap)
+            except grpc.aio.AioRpcError as e:
+                raise SystemExit(f"optmon replay: PublishTicks at {grpc_addr} failed: {e.code().name} "
+                                 f"{e.details()}") from None
     url = getattr(args, "redis_url", None) or settings.redis_url
     client = aioredis.Redis.from_url(url)
     try:
         return await publish(snaps, client, speed=speed, max_speed=max_speed, progress=progress,
                              errors=lambda: errors.count, max_gap_s=max_gap)
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        raise SystemExit(f"optmon replay: Redis at {url} unreachable: {e}") from None
     finally:
         await client.aclose()

@@ -59,6 +59,19 @@ class ReplayStats:
     rejected: int | None = None
     rejected_by_reason: dict[str, int] | None = None
 
+    def count(self, snap: Snapshot, bar: tqdm | None) -> None:  # type: ignore[type-arg]
+        """Account one published snapshot (and advance the progress bar, when given)."""
+        n = len(snap.batch.option_ticks)
+        self.rows += n
+        self.underlying_ticks += len(snap.batch.underlying_ticks)
+        self.snapshots += 1
+        if self.first_time is None:
+            self.first_time = snap.time
+        self.last_time = snap.time
+        if bar is not None:
+            bar.update(n)
+            bar.set_postfix_str(f"{_ist(snap.time)} {snap.underlying}", refresh=False)
+
     def finish(self, started: float, errors: Callable[[], int] | None) -> ReplayStats:
         self.elapsed = _time.perf_counter() - started
         self.rows_per_s = self.rows / self.elapsed if self.elapsed > 0 else 0.0
@@ -164,16 +177,7 @@ async def publish(
                 # Paced: send now, so the entry's arrival matches its source time; snapshots due at the same time
                 # still share one round trip because the next one has no wait.
                 await flush()
-            n = len(snap.batch.option_ticks)
-            stats.rows += n
-            stats.underlying_ticks += len(snap.batch.underlying_ticks)
-            stats.snapshots += 1
-            if stats.first_time is None:
-                stats.first_time = snap.time
-            stats.last_time = snap.time
-            if progress:
-                bar.update(n)
-                bar.set_postfix_str(f"{_ist(snap.time)} {snap.underlying}", refresh=False)
+            stats.count(snap, bar if progress else None)
         await flush()
     finally:
         bar.close()
@@ -209,16 +213,7 @@ async def publish_grpc(
             if wait > 0:
                 await asyncio.sleep(wait)
             yield ingest_service_pb2.PublishTicksRequest(batch=snap.batch)
-            n = len(snap.batch.option_ticks)
-            stats.rows += n
-            stats.underlying_ticks += len(snap.batch.underlying_ticks)
-            stats.snapshots += 1
-            if stats.first_time is None:
-                stats.first_time = snap.time
-            stats.last_time = snap.time
-            if progress:
-                bar.update(n)
-                bar.set_postfix_str(f"{_ist(snap.time)} {snap.underlying}", refresh=False)
+            stats.count(snap, bar if progress else None)
 
     stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
     try:

@@ -52,6 +52,7 @@ def _log() -> structlog.stdlib.BoundLogger:
     """The module's logger, built at each use so that it follows ``configure_logging`` called later."""
     return get_logger("replay.sources")
 
+
 #: IST offset from UTC.
 IST = timedelta(hours=5, minutes=30)
 IST_TZ = timezone(IST, "IST")
@@ -249,6 +250,61 @@ class _Filter:
 _Located = tuple[Snapshot, int]
 
 
+def _parse_ist(text: str, column: str) -> datetime:
+    """An ISO 8601 date-time (``2026-08-18T10:43:00+05:30`` or ``2026-01-30 09:16:49``; no offset = IST) → UTC."""
+    try:
+        dt = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{column}: not a date-time {text!r}") from None
+    return (dt.replace(tzinfo=IST_TZ) if dt.tzinfo is None else dt).astimezone(UTC)
+
+
+@dataclass
+class _Group:
+    """Consecutive CSV rows of one (timestamp, underlying): ``rows`` are (line, fields)."""
+
+    underlying: str
+    time: datetime
+    first_line: int
+    rows: list[tuple[int, list[str]]]
+
+
+def _csv_groups(reader: Iterator[list[str]], name: str, ncols: int, i_ts: int, i_sym: int, ts_column: str,
+                on_error: Callable[[SourceError], None], flt: _Filter) -> Iterator[_Group]:
+    """Group consecutive rows by (timestamp, underlying), applying the filters. Rows with the wrong field count or
+    an unparsable timestamp are reported and skipped. ``reader`` is a ``csv.reader`` past the header."""
+    times: dict[str, datetime] = {}
+    key: tuple[str, str] | None = None
+    group: _Group | None = None
+    skip = False
+    for row in reader:
+        line: int = reader.line_num  # type: ignore[attr-defined]
+        if len(row) != ncols:
+            if row:
+                on_error(SourceError(name, line, f"expected {ncols} fields, got {len(row)}"))
+            continue
+        k = (row[i_ts], row[i_sym])
+        if k != key:
+            if group is not None and group.rows:
+                yield group
+            key, group, skip = k, None, False
+            sym = k[1].strip().upper()
+            t = times.get(k[0])
+            if t is None:
+                try:
+                    t = times[k[0]] = _parse_ist(k[0], ts_column)
+                except ValueError as e:
+                    on_error(SourceError(name, line, str(e)))
+                    key = None  # every row of this group is reported
+                    continue
+            skip = (flt.underlyings is not None and sym not in flt.underlyings) or not flt.time_ok(t)
+            group = _Group(sym, t, line, [])
+        if not skip and group is not None:
+            group.rows.append((line, row))
+    if group is not None and group.rows:
+        yield group
+
+
 # --------------------------------------------------------------------------------------------------- nse-oc-1min
 
 
@@ -258,82 +314,42 @@ def _read_nse_1min(path: Path, on_error: Callable[[SourceError], None], flt: _Fi
         reader = csv.reader(f)
         header = next(reader, [])
         col = {c: i for i, c in enumerate(header)}
-        ncols = len(header)
         i_ts, i_sym, i_exp, i_k, i_ot, i_ltp, i_vol, i_oi = (col[c] for c in REQUIRED_COLUMNS[NSE_OC_1MIN])
         i_spot = col.get("spot")
         opt = [(c, col[c]) for c in ("iv", "delta", "gamma", "theta", "vega") if c in col]
         cols = (i_exp, i_k, i_ot, i_ltp, i_vol, i_oi, i_spot)
-        times: dict[str, tuple[datetime, Timestamp]] = {}
         expiries = _DateCache()
-        cur: tuple[str, str] | None = None
-        batch: market_pb2.TickBatch | None = None
-        snap_time: datetime | None = None
-        first_line = 0
-        spot: float | None = None
-        skip_group = False
-        sym = ""
-        for row in reader:
-            line = reader.line_num
-            if len(row) != ncols:
-                if not row:
-                    continue
-                on_error(SourceError(name, line, f"expected {ncols} fields, got {len(row)}"))
-                continue
-            key = (row[i_ts], row[i_sym])
-            if key != cur:
-                if batch is not None and snap_time is not None and batch.option_ticks:
-                    _add_underlying(batch, sym, spot, snap_time)
-                    yield Snapshot(snap_time, sym, batch), first_line
-                cur, batch, snap_time, spot, first_line, skip_group = key, None, None, None, line, False
-                sym = key[1].strip().upper()
-                if flt.underlyings is not None and sym not in flt.underlyings:
-                    skip_group = True
-                    continue
-                parsed = times.get(key[0])
-                if parsed is None:
-                    try:
-                        dt = datetime.fromisoformat(key[0])
-                        if dt.tzinfo is None:
-                            dt = dt.replace(tzinfo=IST_TZ)
-                        dt = dt.astimezone(UTC)
-                    except ValueError:
-                        on_error(SourceError(name, line, f"ts_ist: not an ISO 8601 time {key[0]!r}"))
-                        cur = None
-                        continue
-                    parsed = times[key[0]] = (dt, _ts(dt))
-                if not flt.time_ok(parsed[0]):
-                    skip_group = True
-                    continue
-                snap_time, ts_pb = parsed
-                batch = market_pb2.TickBatch()
-                add = batch.option_ticks.add
-            if skip_group or batch is None:
-                continue
-            # Fast path: plain conversions, one finiteness check for the row; any failure re-parses the row
-            # column by column (_parse_1min_row) for a precise reason.
-            try:
-                kw = {c: float(row[i]) for c, i in opt if row[i]}
-                row_spot = float(row[i_spot]) if i_spot is not None and row[i_spot] else 0.0
-                strike, ltp = float(row[i_k]), float(row[i_ltp])
-                if not math.isfinite(strike + ltp + row_spot + sum(kw.values())):
-                    raise ValueError
-                tick = add(underlying=sym, expiry=expiries[row[i_exp]], strike=strike,
-                           option_type=_OPTION_TYPES[row[i_ot]], ltp=ltp, volume=int(row[i_vol]),
-                           oi=int(row[i_oi]), exchange_time=ts_pb, **kw)
-            except (ValueError, KeyError):
+        for g in _csv_groups(reader, name, len(header), i_ts, i_sym, "ts_ist", on_error, flt):
+            sym, ts_pb = g.underlying, _ts(g.time)
+            batch = market_pb2.TickBatch()
+            add = batch.option_ticks.add
+            spot: float | None = None
+            for line, row in g.rows:
+                # Fast path: plain conversions, one finiteness check for the row; any failure re-parses the row
+                # column by column (_parse_1min_row) for a precise reason.
                 try:
-                    tick, row_spot = _parse_1min_row(row, sym, ts_pb, expiries, cols, opt)
-                except ValueError as e:
-                    on_error(SourceError(name, line, str(e)))
-                    continue
-                batch.option_ticks.append(tick)
-            if row_spot > 0:
-                tick.underlying_price = row_spot
-                if spot is None:
-                    spot = row_spot
-        if batch is not None and snap_time is not None and batch.option_ticks:
-            _add_underlying(batch, sym, spot, snap_time)
-            yield Snapshot(snap_time, sym, batch), first_line
+                    kw = {c: float(row[i]) for c, i in opt if row[i]}
+                    row_spot = float(row[i_spot]) if i_spot is not None and row[i_spot] else 0.0
+                    strike, ltp = float(row[i_k]), float(row[i_ltp])
+                    if not math.isfinite(strike + ltp + row_spot + sum(kw.values())):
+                        raise ValueError
+                    tick = add(underlying=sym, expiry=expiries[row[i_exp]], strike=strike,
+                               option_type=_OPTION_TYPES[row[i_ot]], ltp=ltp, volume=int(row[i_vol]),
+                               oi=int(row[i_oi]), exchange_time=ts_pb, **kw)
+                except (ValueError, KeyError):
+                    try:
+                        tick, row_spot = _parse_1min_row(row, sym, ts_pb, expiries, cols, opt)
+                    except ValueError as e:
+                        on_error(SourceError(name, line, str(e)))
+                        continue
+                    batch.option_ticks.append(tick)
+                if row_spot > 0:
+                    tick.underlying_price = row_spot
+                    if spot is None:
+                        spot = row_spot
+            if batch.option_ticks:
+                _add_underlying(batch, sym, spot, g.time)
+                yield Snapshot(g.time, sym, batch), g.first_line
 
 
 def _parse_1min_row(row: list[str], sym: str, ts_pb: Timestamp, expiries: _DateCache,
@@ -391,77 +407,34 @@ def _read_kite_5min(path: Path, on_error: Callable[[SourceError], None], flt: _F
         reader = csv.reader(f)
         header = next(reader, [])
         col = {c: i for i, c in enumerate(header)}
-        ncols = len(header)
         i_sym, i_exp, i_k, i_cl, i_co, i_cv, i_pl, i_po, i_pv, i_spot, i_ts = (
             col[c] for c in REQUIRED_COLUMNS[KITE_OC_5MIN])
-        times: dict[str, datetime] = {}
         expiries = _DateCache()
-        cur: tuple[str, str] | None = None
-        rows: list[tuple[str, _KiteRow]] = []
-        first_line = 0
-        skip_group = False
-        snap_time: datetime | None = None
-        sym = ""
-        for row in reader:
-            line = reader.line_num
-            if len(row) != ncols:
-                if not row:
-                    continue
-                on_error(SourceError(name, line, f"expected {ncols} fields, got {len(row)}"))
+        for g in _csv_groups(reader, name, len(header), i_ts, i_sym, "timestamp", on_error, flt):
+            lot = lot_sizes.get(g.underlying)
+            if lot is None:
+                on_error(SourceError(name, g.first_line, f"Symbol: no lot size configured for {g.underlying!r}; "
+                                                         f"snapshot of {len(g.rows)} rows skipped"))
                 continue
-            key = (row[i_ts], row[i_sym])
-            if key != cur:
-                if rows and snap_time is not None:
-                    snap = _kite_snapshot(sym, snap_time, rows)
-                    if snap.batch.option_ticks:
-                        yield snap, first_line
-                cur, rows, first_line, skip_group, snap_time = key, [], line, False, None
-                sym = key[1].strip().upper()
-                if flt.underlyings is not None and sym not in flt.underlyings:
-                    skip_group = True
-                    continue
-                if sym not in lot_sizes:
-                    skip_group = True
-                    on_error(SourceError(name, line, f"Symbol: no lot size configured for {key[1]!r}; "
-                                                     "snapshot skipped"))
-                    continue
-                t = times.get(key[0])
-                if t is None:
-                    try:
-                        t = datetime.fromisoformat(key[0].strip())
-                    except ValueError:
-                        on_error(SourceError(name, line, f"timestamp: not a 'YYYY-MM-DD HH:MM:SS' time {key[0]!r}"))
-                        cur = None
-                        continue
-                    t = (t.replace(tzinfo=IST_TZ) if t.tzinfo is None else t).astimezone(UTC)
-                    times[key[0]] = t
-                if not flt.time_ok(t):
-                    skip_group = True
-                    continue
-                snap_time = t
-            if skip_group or snap_time is None:
-                continue
-            lot = lot_sizes[sym]
-            try:
-                parsed: _KiteRow = (
-                    _finite(row[i_k], "Strike"),
-                    _finite(row[i_cl], "CE_LTP"),
-                    _contracts(_count(row[i_co], "CE_OI"), lot, "CE_OI"),
-                    _contracts(_count(row[i_cv], "CE_Volume"), lot, "CE_Volume"),
-                    _finite(row[i_pl], "PE_LTP"),
-                    _contracts(_count(row[i_po], "PE_OI"), lot, "PE_OI"),
-                    _contracts(_count(row[i_pv], "PE_Volume"), lot, "PE_Volume"),
-                    _finite(row[i_spot], "Spot"),
-                )
-                exp = expiries[row[i_exp]]
-            except ValueError as e:
-                on_error(SourceError(name, line, str(e)))
-                continue
-            rows.append((exp, parsed))
-        if rows and snap_time is not None:
-            snap = _kite_snapshot(sym, snap_time, rows)
-            if snap.batch.option_ticks:
-                yield snap, first_line
+            rows: list[tuple[str, _KiteRow]] = []
+            for line, row in g.rows:
+                try:
+                    rows.append((expiries[row[i_exp]], (
+                        _finite(row[i_k], "Strike"),
+                        _finite(row[i_cl], "CE_LTP"),
+                        _contracts(_count(row[i_co], "CE_OI"), lot, "CE_OI"),
+                        _contracts(_count(row[i_cv], "CE_Volume"), lot, "CE_Volume"),
+                        _finite(row[i_pl], "PE_LTP"),
+                        _contracts(_count(row[i_po], "PE_OI"), lot, "PE_OI"),
+                        _contracts(_count(row[i_pv], "PE_Volume"), lot, "PE_Volume"),
+                        _finite(row[i_spot], "Spot"),
+                    )))
+                except ValueError as e:
+                    on_error(SourceError(name, line, str(e)))
+            if rows:
+                snap = _kite_snapshot(g.underlying, g.time, rows)
+                if snap.batch.option_ticks:
+                    yield snap, g.first_line
 
 
 def _years_to_expiry(expiry: str, t: datetime) -> float:
@@ -538,8 +511,7 @@ def _read_kite_ticks(path: Path, on_error: Callable[[SourceError], None], flt: _
                 continue
             try:
                 obj = json.loads(text)
-                t = datetime.fromisoformat(str(obj["timestamp"]))
-                t = (t.replace(tzinfo=IST_TZ) if t.tzinfo is None else t).astimezone(UTC)
+                t = _parse_ist(str(obj["timestamp"]), "timestamp")
                 if t.year < 2000:
                     raise ValueError("timestamp: epoch-0 pre-open record")
                 lot = KITE_TICKS_LOT_SIZES.get((sym, t.year)) or lot_sizes[sym]

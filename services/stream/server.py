@@ -20,7 +20,8 @@ async def create_server(settings: StreamSettings) -> tuple[grpc.aio.Server, int]
     """Build, bind (``settings.host:settings.stream_port``, 0 = free port) and start the stream server."""
     snapshots = QuerySnapshots(settings.query_addr, settings.stream_snapshot_timeout_s)
     hub = Hub(settings.redis_url, snapshots, dict(settings.strike_steps), heartbeat_s=settings.stream_heartbeat_s,
-              block_ms=settings.stream_block_ms, redis_wait_s=settings.stream_redis_wait_s)
+              block_ms=settings.stream_block_ms, redis_wait_s=settings.stream_redis_wait_s,
+              carry_buckets=settings.stream_carry_buckets)
     servicer = StreamServicer(hub, dict(settings.strike_steps), settings.stream_heartbeat_s)
     server, health = new_server([SERVICE_NAME])
     server.add_generic_rpc_handlers((servicer.handler(),))

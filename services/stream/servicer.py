@@ -58,7 +58,7 @@ class StreamServicer:
             await context.abort_with_status(status)
             return
         try:
-            async for chunk in sub.messages(self.heartbeat_s):
+            async for chunk in sub.messages():
                 yield chunk
         finally:
             self.hub.unsubscribe(sub)

@@ -21,5 +21,7 @@ class StreamSettings(CommonSettings):
     stream_block_ms: int = Field(default=1000, ge=10)
     #: Timeout of one QueryService snapshot call, seconds.
     stream_snapshot_timeout_s: float = Field(default=5.0, gt=0)
+    #: A strike stays in windows this many buckets after its last bar (keep equal to OPTMON_QUERY_CARRY_BUCKETS).
+    stream_carry_buckets: int = Field(default=5, ge=0)
     #: How long a new subscription waits for Redis before it gets UNAVAILABLE, seconds.
     stream_redis_wait_s: float = Field(default=5.0, gt=0)

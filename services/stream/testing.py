@@ -52,8 +52,8 @@ class StubQueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         step = self.strike_steps[req.underlying]
         mask = field_mask(tuple(req.indicators)) if req.indicators else None
         bucket, price = self.price[key]
-        resp = query_service_pb2.GetStrikeDistributionResponse(underlying=req.underlying, timeframe=tf,
-                                                               underlying_price=price)
+        resp = query_service_pb2.GetStrikeDistributionResponse(
+            underlying=req.underlying, timeframe=tf, underlying_price=price)  # type: ignore[arg-type]
         resp.bucket_time.seconds = bucket
         for e in expiries:
             bars = d.get(e)
@@ -193,10 +193,10 @@ class ReferenceClient:
             self.atm = {e.expiry: e.atm_strike for e in d.expiries}
             self.bucket_time, self.price = d.bucket_time.seconds, d.underlying_price
         elif kind == "delta":
-            d = msg.delta
-            self.conflated += d.conflated
-            self.bucket_time, self.price = d.bucket_time.seconds, d.underlying_price
-            for e in d.expiries:
+            dl = msg.delta
+            self.conflated += dl.conflated
+            self.bucket_time, self.price = dl.bucket_time.seconds, dl.underlying_price
+            for e in dl.expiries:
                 held = self.state.setdefault(e.expiry, {})
                 self.atm[e.expiry] = e.atm_strike
                 for s in e.removed_strikes:
@@ -206,7 +206,8 @@ class ReferenceClient:
                     if cur is None:
                         cur = market_pb2.StrikeBar()
                         cur.CopyFrom(b)
-                        cur.underlying, cur.expiry, cur.timeframe = self.underlying, e.expiry, self.timeframe  # type: ignore[assignment]
+                        cur.underlying, cur.expiry = self.underlying, e.expiry
+                        cur.timeframe = self.timeframe  # type: ignore[assignment]
                         held[b.strike] = cur
                     else:
                         if b.atm_strike:
@@ -215,14 +216,14 @@ class ReferenceClient:
                             cur.call.MergeFrom(b.call)
                         if b.HasField("put"):
                             cur.put.MergeFrom(b.put)
-                    bt = b.bucket_time if b.HasField("bucket_time") else d.bucket_time
+                    bt = b.bucket_time if b.HasField("bucket_time") else dl.bucket_time
                     cur.bucket_time.seconds = bt.seconds
-                    cur.underlying_close = b.underlying_close or d.underlying_price
+                    cur.underlying_close = b.underlying_close or dl.underlying_price
 
     def distribution(self) -> query_service_pb2.GetStrikeDistributionResponse:
         """The held state as a GetStrikeDistributionResponse (bars ascending by strike)."""
-        resp = query_service_pb2.GetStrikeDistributionResponse(underlying=self.underlying, timeframe=self.timeframe,  # type: ignore[arg-type]
-                                                               underlying_price=self.price)
+        resp = query_service_pb2.GetStrikeDistributionResponse(
+            underlying=self.underlying, timeframe=self.timeframe, underlying_price=self.price)  # type: ignore[arg-type]
         resp.bucket_time.seconds = self.bucket_time
         for e in self.order:
             pe = resp.expiries.add(expiry=e, atm_strike=self.atm.get(e, 0.0))

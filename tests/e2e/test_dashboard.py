@@ -11,23 +11,32 @@ to .artifacts/dashboard.png.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf.json_format import ParseDict
+from optmon.v1 import market_pb2
 from playwright.async_api import Browser, Page, async_playwright
 
-from optmon.v1 import market_pb2
 from services.devstack.envoy import EnvoyProcess
+from services.devstack.redis import free_port
 from services.query.server import create_server as create_query_server
 from services.query.server import stop_server as stop_query_server
 from services.query.settings import QuerySettings
 from services.stream.server import create_server as create_stream_server
 from services.stream.settings import StreamSettings
 from services.stream.testing import BarPublisher
+from tests.e2e.dashboard_check import CHROMIUM_ARGS, STATE_RECORDER, check_dashboard
 from tests.integration.gateway_support import (
     gateway_config,
     http_request,
@@ -40,8 +49,6 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / ".artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture
@@ -64,22 +71,10 @@ async def open_dashboard(browser: Browser, url: str) -> tuple[Page, list[str]]:
     page = await browser.new_page(viewport={"width": 1400, "height": 1100})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    # record every connection state the page shows
-    await page.add_init_script("""
-        window.__states = [];
-        new MutationObserver(() => {
-          const el = document.getElementById('conn');
-          if (el && window.__states[window.__states.length - 1] !== el.dataset.state) window.__states.push(el.dataset.state);
-        }).observe(document, {subtree: true, attributes: true, childList: true, characterData: true});
-    """)
+    await page.add_init_script(STATE_RECORDER)  # records every connection state in window.__states
     await page.goto(url)
     await page.wait_for_selector("body[data-ready='1']", timeout=15_000)
     return page, errors
-
-
-async def cell_value(page: Page, key: str) -> float | None:
-    v = await page.get_attribute(f"td[data-k='{key}']", "data-value")
-    return float(v) if v not in (None, "") else None
 
 
 async def test_dashboard_real_data(browser: Browser, bars_dsn: str, redis_url: str, tmp_path: Path) -> None:
@@ -90,40 +85,28 @@ async def test_dashboard_real_data(browser: Browser, bars_dsn: str, redis_url: s
     publisher = BarPublisher(redis_url, None)
     try:
         env = await start_envoy(tmp_path, gateway_config(q_port, s_port))
-        page, errors = await open_dashboard(browser, env.url + "/")
-        ready_ms = await page.evaluate("window.optmonReadyMs")
-        assert await page.text_content("#conn") == "live" or await _wait_live(page)
-
-        # the page shows the API's numbers: the ATM strike's CE and PE OI of the chain's expiry
+        # the live update to send once the page is live: the ATM bar of the nearest expiry with CE OI + 12,345,
+        # as a BarUpdate like ingest publishes after a commit
         chain = (await http_request(env.url, "/v1/underlyings/NIFTY/option-chain")).json()
         atm = chain["atm_strike"]
-        row = next(r for r in chain["rows"] if r["strike"] == atm)
-        key = f"{atm:g}"
-        assert await cell_value(page, f"ce-oi-{key}") == float(row["call"]["oi"])
-        assert await cell_value(page, f"pe-oi-{key}") == float(row["put"]["oi"])
-        shown = (await page.text_content(f"td[data-k='ce-oi-{key}']") or "").replace(",", "")
-        assert shown == str(int(row["call"]["oi"]))
-        assert chain["expiry"] in (await page.text_content("#chain-expiry") or "")
-
-        # a live update (a BarUpdate as ingest publishes it after a commit) changes the page
         dist = (await http_request(env.url, f"/v1/underlyings/NIFTY/strike-distribution?expiries={chain['expiry']}"
                                             "&strikes_around_atm=10")).json()
-        bar_json = next(b for b in dist["expiries"][0]["bars"] if b["strike"] == atm)
-        bar = ParseDict(bar_json, market_pb2.StrikeBar())
+        bar = ParseDict(next(b for b in dist["expiries"][0]["bars"] if b["strike"] == atm), market_pb2.StrikeBar())
         new_oi = bar.call.oi + 12_345
         bar.call.oi = new_oi
-        bucket = _epoch(dist["bucket_time"])
-        await publisher.publish("NIFTY", market_pb2.TIMEFRAME_1M, bucket, dist["underlying_price"], [bar])
-        await page.wait_for_function(
-            f"document.querySelector(\"td[data-k='ce-oi-{key}']\").dataset.value === '{new_oi}'", timeout=15_000)
-        assert await page.get_attribute("#conn", "data-state") == "live"
-        assert not errors, errors
+        loop = asyncio.get_running_loop()
 
-        ARTIFACTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-        (ARTIFACTS / "dashboard.json").write_text(json.dumps({"dashboard_ready_ms": ready_ms, "atm": atm,
-                                                              "expiry": chain["expiry"]}))
-        await page.close()
+        def publish() -> None:
+            asyncio.run_coroutine_threadsafe(publisher.publish(
+                "NIFTY", market_pb2.TIMEFRAME_1M, _epoch(dist["bucket_time"]), dist["underlying_price"], [bar]),
+                loop).result(10)
+
+        report = await asyncio.to_thread(check_dashboard, env.url, ARTIFACTS / "dashboard-inprocess.png", "NIFTY",
+                                         publish, 15)
+        assert report["atm"] == atm and report["expiry"] == chain["expiry"]
+        assert report["ce_oi_after_live"] == new_oi, report
+        assert report["states"][0] == "connecting" and report["states"][-1] == "live", report
+        (ARTIFACTS / "dashboard-inprocess.json").write_text(json.dumps(report))
     finally:
         await publisher.close()
         if env is not None:
@@ -162,3 +145,70 @@ async def test_dashboard_reconnects(browser: Browser, tmp_path: Path) -> None:
     finally:
         env.stop()
         await backends.stop()
+
+
+def _full_stack_check(state_dir: Path, csv: Path) -> dict[str, Any]:
+    names = ["gateway", "envoy_admin", "ingest", "query", "stream", "pg", "redis"]
+    ports = {n: free_port() for n in names}
+    env = {**os.environ, **{f"OPTMON_{k.upper()}_PORT": str(v) for k, v in ports.items()},
+           "OPTMON_INGEST_METRICS_PORT": "0", "OPTMON_QUERY_METRICS_PORT": "0", "OPTMON_STREAM_METRICS_PORT": "0"}
+    for var in ("OPTMON_PG_DSN", "OPTMON_REDIS_URL"):  # private servers
+        env.pop(var, None)
+    log = state_dir.parent / "up.log"
+    base = f"http://127.0.0.1:{ports['gateway']}"
+
+    def replay(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "services.cli", "replay", str(csv), *args, "--redis-url",
+                                 f"redis://127.0.0.1:{ports['redis']}/0", "--no-progress"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+    with log.open("w") as out:
+        up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--no-replay",
+                               "--state-dir", str(state_dir)], env=env, stdin=subprocess.DEVNULL, stdout=out,
+                               stderr=subprocess.STDOUT)
+    live: list[subprocess.Popen[bytes]] = []
+    try:
+        deadline = time.monotonic() + 180
+        while "stack up" not in log.read_text():
+            assert up.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        # the first 20 minutes of the day at max speed, then wait until the query sees the last one
+        assert replay("--max-speed", "--start", "10:43", "--end", "11:02").wait(300) == 0
+        deadline = time.monotonic() + 120
+        while True:
+            with urllib.request.urlopen(base + "/v1/underlyings", timeout=5) as r:
+                u = json.loads(r.read())["underlyings"]
+            if u and u[0]["bucket_time"] == "2026-08-18T05:32:00Z":  # 11:02 IST
+                break
+            assert time.monotonic() < deadline, u
+            time.sleep(0.5)
+        # once the page is live, the next minutes replay at 60x: the page must get live messages
+        def start_live_replay() -> None:
+            live.append(replay("--speed", "60", "--start", "11:03", "--end", "11:12"))
+
+        report = check_dashboard(base, ARTIFACTS / "dashboard.png", "NIFTY", on_live=start_live_replay,
+                                 live_timeout_s=60)
+    finally:
+        for p in live:
+            p.terminate()
+            p.wait(10)
+        up.send_signal(signal.SIGTERM)
+        try:
+            code = up.wait(90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            code = up.wait()
+    assert code == 0, "optmon up did not stop cleanly:\n" + log.read_text()[-3000:]
+    return report
+
+
+@pytest.mark.slow
+async def test_dashboard_full_stack(tmp_root: Path, nifty_1min_csv: Path) -> None:
+    """The whole `optmon up` stack (ingest → PostgreSQL → query/stream → Envoy) during a replay of the real day."""
+    work = tmp_root / f"dashboard-stack-{free_port()}"  # tmp_root is searchable by the postgres user
+    work.mkdir()
+    report = await asyncio.to_thread(_full_stack_check, work / "state", nifty_1min_csv)
+    assert report["states"][0] == "connecting" and "live" in report["states"], report
+    assert report["ready_ms"] > 0
+    (ARTIFACTS / "dashboard.json").write_text(json.dumps(report))

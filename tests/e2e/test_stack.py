@@ -6,6 +6,8 @@ JSON gateway:
   (the CSV is read here independently of the replay code);
 - an SSE client of ``/v1/underlyings/NIFTY/subscribe`` receives a snapshot, then at least one update while the last
   minutes are replayed;
+- the dashboard in headless Chromium (tests/e2e/dashboard_check.py) shows the API's ATM OI and goes live
+  (screenshot: .artifacts/stack-dashboard.png);
 - SIGTERM stops the whole stack cleanly (exit 0, every port released).
 """
 
@@ -32,7 +34,8 @@ from typing import Any
 import pytest
 
 from services.devstack.redis import free_port
-from services.devstack.supervisor import http_get, port_free
+from services.devstack.supervisor import REPO_ROOT, http_get, port_free
+from tests.e2e.dashboard_check import check_dashboard
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -279,8 +282,11 @@ def test_replayed_day_through_gateway_and_sse(
         snap = sse.wait_for(lambda ev: "snapshot" in ev or "error" in ev, 60)
         assert snap is not None and "snapshot" in snap, (snap, sse.events, sse.error)
 
-        # 3) the last 5 minutes: at least one update reaches the subscriber
-        replay(env, ports["redis"], nifty_1min_csv, hhmm(minutes[FIRST_PART]), hhmm(minutes[MINUTES - 1]))
+        # 3) the dashboard in headless Chromium shows the API's figures; while it is live the last 5 minutes are
+        #    replayed: the page and the SSE subscriber both receive updates
+        report = check_dashboard(base, REPO_ROOT / ".artifacts" / "stack-dashboard.png", on_live=lambda: replay(
+            env, ports["redis"], nifty_1min_csv, hhmm(minutes[FIRST_PART]), hhmm(minutes[MINUTES - 1])))
+        assert "live" in report["states"], report
         upd = sse.wait_for(lambda ev: "delta" in ev or "error" in ev, 90)
         assert upd is not None and "delta" in upd, (upd, sse.events[-3:], sse.error)
     finally:
@@ -321,3 +327,4 @@ def test_replayed_day_through_gateway_and_sse(
                 assert float(field(leg, "iv", math.nan)) == pytest.approx(float(row["iv"]), abs=0.005), (where, leg)
                 compared += 1
     assert compared >= 2 * 2 * N_AROUND_ATM, f"only {compared} legs compared"
+    print(f"e2e: {compared} legs at {ts} equal the CSV; SSE events {len(sse.events)}")

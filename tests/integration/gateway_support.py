@@ -20,8 +20,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from optmon.v1 import market_pb2, query_service_pb2, query_service_pb2_grpc, stream_service_pb2, stream_service_pb2_grpc
+
 from services.common.errors import FieldViolations, NotFound, abort_with
 from services.common.server import bind, new_server, shutdown
 from services.devstack.envoy import EnvoyProcess, GatewayConfig
@@ -125,11 +125,11 @@ class StubQueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         n = request.levels or 3
         times = [BUCKET.seconds - 300 * i for i in range(12, -1, -1)]
         series = []
-        for e in list(request.expiries) or EXPIRIES[:1]:
+        for exp in list(request.expiries) or EXPIRIES[:1]:
             for lvl in range(-n, n + 1):
                 label = "ATM" if lvl == 0 else (f"ITM{-lvl}" if lvl < 0 else f"OTM{lvl}")
                 series.append(query_service_pb2.MoneynessSeries(
-                    expiry=e, level=lvl, label=label, times=times,
+                    expiry=exp, level=lvl, label=label, times=times,
                     values=[12 + abs(lvl) * 0.3 + 0.01 * i for i in range(len(times))],
                     strikes=[ATM + lvl * 50] * len(times)))
         return query_service_pb2.GetMoneynessSeriesResponse(
@@ -138,6 +138,8 @@ class StubQueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             start_time=Timestamp(seconds=times[0]), end_time=BUCKET, series=series)
 
     async def ListBars(self, request: Any, context: Any) -> Any:
+        if request.page_token.startswith("sleep:"):  # a slow answer, for the request-timeout test
+            await asyncio.sleep(float(request.page_token.removeprefix("sleep:")))
         return query_service_pb2.ListBarsResponse(s="no_data")
 
 
@@ -247,9 +249,10 @@ class Reply:
 
 
 def _request(base: str, path: str, method: str = "GET", headers: dict[str, str] | None = None,
-             body: bytes | None = None) -> Reply:
+             body: bytes | None = None, source: str | None = None) -> Reply:
     u = urllib.parse.urlsplit(base)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=10,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
@@ -259,15 +262,15 @@ def _request(base: str, path: str, method: str = "GET", headers: dict[str, str] 
 
 
 async def http_request(base: str, path: str, method: str = "GET", headers: dict[str, str] | None = None,
-                       body: bytes | None = None) -> Reply:
-    """One HTTP/1.1 request from a thread."""
-    return await asyncio.to_thread(_request, base, path, method, headers, body)
+                       body: bytes | None = None, source: str | None = None) -> Reply:
+    """One HTTP/1.1 request from a thread; ``source`` picks the client address (e.g. another 127.0.0.x)."""
+    return await asyncio.to_thread(_request, base, path, method, headers, body, source)
 
 
 def _read_sse(base: str, path: str, n_events: int, headers: dict[str, str] | None,
               timeout: float) -> tuple[int, dict[str, str], list[str]]:
     u = urllib.parse.urlsplit(base)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"accept": "text/event-stream", **(headers or {})})
         r = conn.getresponse()
@@ -293,6 +296,6 @@ def _read_sse(base: str, path: str, n_events: int, headers: dict[str, str] | Non
 
 
 async def read_sse(base: str, path: str, n_events: int, headers: dict[str, str] | None = None,
-                   timeout: float = 20.0) -> tuple[int, dict[str, str], list[str]]:
+                   read_timeout_s: float = 20.0) -> tuple[int, dict[str, str], list[str]]:
     """Open an SSE stream, return (status, headers, the first ``n_events`` raw events, each its lines joined)."""
-    return await asyncio.to_thread(_read_sse, base, path, n_events, headers, timeout)
+    return await asyncio.to_thread(_read_sse, base, path, n_events, headers, read_timeout_s)

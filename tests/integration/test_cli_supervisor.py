@@ -19,7 +19,8 @@ from services.devstack.redis import free_port
 from services.devstack.supervisor import SERVICES, Stack, StackConfig, StackError, http_get, port_free
 
 STAND_IN = textwrap.dedent('''
-    """A stand-in service: health + an empty QueryService.ListUnderlyings; exits with 3 after argv[2] s if given."""
+    """A stand-in service: health + an empty QueryService.ListUnderlyings; exits with 3 once the file argv[2]
+    (if given) exists."""
     import asyncio, os, sys
     import grpc
     from services.common.server import bind, new_server, serve_until_signalled
@@ -35,7 +36,8 @@ STAND_IN = textwrap.dedent('''
         await bind(server, health, "127.0.0.1", port)
         print("stand-in up", os.environ["OPTMON_PG_DSN"], os.environ["OPTMON_REDIS_URL"], flush=True)
         if len(sys.argv) > 2:
-            await asyncio.sleep(float(sys.argv[2]))
+            while not os.path.exists(sys.argv[2]):
+                await asyncio.sleep(0.05)
             os._exit(3)
         await serve_until_signalled(server, health, 1.0)
 
@@ -56,7 +58,7 @@ def stand_in(tmp_root: Path) -> Path:
     return path
 
 
-def _commands(stand_in: Path, crash: dict[str, float] | None = None) -> dict[str, list[str]]:
+def _commands(stand_in: Path, crash: dict[str, Path] | None = None) -> dict[str, list[str]]:
     crash = crash or {}
     return {s: [sys.executable, str(stand_in), f"OPTMON_{s.upper()}_PORT",
                 *([str(crash[s])] if s in crash else [])] for s in SERVICES}
@@ -116,9 +118,12 @@ async def test_existing_servers_are_used_and_left_running(
 
 
 async def test_a_service_dying_later_is_reported(tmp_root: Path, stand_in: Path, pg_dsn: str, redis_url: str) -> None:
-    cfg = StackConfig(state_dir=tmp_root / f"die-{uuid.uuid4().hex[:8]}", ports=_ports(), pg_dsn=pg_dsn,
-                      redis_url=redis_url, commands=_commands(stand_in, crash={"stream": 1.0}), gateway=False)
+    state = tmp_root / f"die-{uuid.uuid4().hex[:8]}"
+    trigger = state / "crash-stream-now"
+    cfg = StackConfig(state_dir=state, ports=_ports(), pg_dsn=pg_dsn, redis_url=redis_url,
+                      commands=_commands(stand_in, crash={"stream": trigger}), gateway=False)
     async with Stack(cfg) as stack:
+        trigger.touch()  # every service is healthy now; make one die
         assert await stack.wait_for_exit() == "stream"
         child = stack.children["stream"]
         assert child.proc is not None and child.proc.returncode == 3
@@ -158,3 +163,12 @@ def test_config_from_env() -> None:
     assert cfg.pg_dsn == "postgresql://x@h/db" and cfg.redis_url is None
     with pytest.raises(ValueError, match="OPTMON_STREAM_PORT"):
         StackConfig.from_env(Path("/tmp/x"), {"OPTMON_STREAM_PORT": "abc"})
+
+
+async def test_an_unreachable_existing_database_is_a_clear_error(tmp_root: Path, redis_url: str) -> None:
+    dsn = f"postgresql://optmon:secret@127.0.0.1:{free_port()}/optmon"
+    cfg = StackConfig(state_dir=tmp_root / f"nodb-{uuid.uuid4().hex[:8]}", ports=_ports(), pg_dsn=dsn,
+                      redis_url=redis_url, gateway=False)
+    with pytest.raises(StackError, match="migrations failed on 127.0.0.1") as err:
+        await Stack(cfg).start()
+    assert "secret" not in str(err.value)

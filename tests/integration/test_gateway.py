@@ -163,6 +163,7 @@ async def test_dashboard_is_served(gw: EnvoyProcess) -> None:
                         ("/vendor/uPlot.iife.min.js", "application/javascript"), ("/vendor/uPlot.min.css", "text/css")]:
         r = await http_request(gw.url, path, headers={"accept-encoding": "gzip"})
         assert r.status == 200 and r.headers["content-type"].startswith(ctype), path
+        assert r.headers.get("content-encoding") == "gzip" and gzip.decompress(r.body), path
     assert (await http_request(gw.url, "/nothing-here")).status == 404
 
 
@@ -200,6 +201,8 @@ async def test_rate_limit_per_client_is_429(backends: StubBackends, tmp_path: Pa
         r = await http_request(env.url, "/v1/underlyings")
         assert r.status == 429 and r.headers.get("x-optmon-rate-limited") == "true"
         assert r.json()["http_status"] == 429
+        # the bucket is per client address: another client is still served
+        assert (await http_request(env.url, "/v1/underlyings", source="127.0.0.2")).status == 200
     finally:
         env.stop()
 
@@ -211,6 +214,15 @@ async def test_stream_duration_is_bounded(backends: StubBackends, tmp_path: Path
         # heartbeats come every 0.5 s; the gateway ends the stream after 1 s, long before 50 events.
         status, _, events = await read_sse(env.url, "/v1/underlyings/NIFTY/subscribe", 50)
         assert status == 200 and 1 <= len(events) < 50
+    finally:
+        env.stop()
+
+
+async def test_unary_request_time_is_bounded(backends: StubBackends, tmp_path: Path) -> None:
+    env = await start_envoy(tmp_path, gateway_config(backends.query_port, backends.stream_port, unary_timeout_s=0.5))
+    try:
+        r = await http_request(env.url, "/v1/underlyings/NIFTY/bars?page_token=sleep:3")
+        assert r.status == 504 and r.json()["http_status"] == 504
     finally:
         env.stop()
 

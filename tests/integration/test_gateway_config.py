@@ -7,7 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from services.devstack.envoy import GATEWAY_DIR, K8S_DESCRIPTOR, K8S_STATIC_DIR, GatewayConfig, render, render_committed, validate
+from services.devstack.envoy import (
+    GATEWAY_DIR,
+    K8S_DESCRIPTOR,
+    K8S_STATIC_DIR,
+    GatewayConfig,
+    render,
+    render_committed,
+    validate,
+)
 
 
 def test_committed_renderings_match_the_template() -> None:
@@ -24,7 +32,8 @@ def test_committed_renderings_are_valid_envoy_configs() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     k8s = texts["envoy.k8s.yaml"]
     assert "query" in k8s and 'address: "query", port_value: 50052' in k8s
-    assert 'address: "stream", port_value: 50053' in k8s and K8S_DESCRIPTOR in k8s and f"{K8S_STATIC_DIR}/vendor/uPlot.iife.min.js" in k8s
+    assert 'address: "stream", port_value: 50053' in k8s and K8S_DESCRIPTOR in k8s
+    assert f"{K8S_STATIC_DIR}/vendor/uPlot.iife.min.js" in k8s
     res = validate(k8s, k8s=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -43,7 +52,8 @@ def test_from_env() -> None:
     text = render(cfg)
     assert "port_value: 18080" in text and '{exact: "https://a.example"}' in text and 'regex: ".*"' in text
     default = GatewayConfig.from_env({})
-    assert default.listen_port == 8080 and default.admin_port == 9901 and "http://localhost:8080" in default.cors_origins
+    assert default.listen_port == 8080 and default.admin_port == 9901
+    assert "http://localhost:8080" in default.cors_origins
 
 
 @pytest.mark.parametrize("bad", [

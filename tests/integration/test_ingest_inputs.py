@@ -179,3 +179,17 @@ async def test_legacy_pubsub_json(pg_dsn: str, redis_url: str, redis_client: aio
     assert len(dls) == 2
     assert {d.source for d in dls} == {"pubsub:ticker:NIFTY:options"}
     assert {d.reason for d in dls} == {ingest_service_pb2.REJECT_REASON_MALFORMED}
+
+
+async def test_dead_consumer_names_are_forgotten(redis_url: str, redis_client: aioredis.Redis) -> None:
+    settings = settings_for("postgresql://unused/x", redis_url, ingest_claim_idle_ms=100)
+    consumer = StreamConsumer(redis_client, Committer(object(), max_pending_ticks=10),  # type: ignore[arg-type]
+                              settings, consumer_name="me")
+    await consumer.ensure_groups()
+    await redis_client.xgroup_createconsumer(KEY, GROUP, "long-gone")
+    await redis_client.xadd(KEY, {"pb": b""})
+    await redis_client.xreadgroup(GROUP, "still-pending", {KEY: ">"}, count=1)  # has a pending entry: kept
+    await asyncio.sleep(1.1)
+    assert await consumer.forget_dead_consumers() == 1
+    names = {c["name"].decode() for c in await redis_client.xinfo_consumers(KEY, GROUP)}
+    assert names == {"still-pending"}

@@ -124,3 +124,25 @@ async def test_health_and_reflection(ingest: tuple[IngestApp, grpc.aio.Channel])
     async for resp in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
         names |= {s.name for s in resp.list_services_response.service}
     assert "optmon.v1.IngestService" in names
+
+
+async def test_port_answers_before_postgres_is_reachable(redis_url: str) -> None:
+    """Start-up does no heavy work before the port answers: with PostgreSQL unreachable, health says NOT_SERVING
+    and PublishTicks UNAVAILABLE (instead of hanging or crashing); stopping still works."""
+    from services.devstack.redis import free_port
+
+    settings = settings_for(f"postgresql://optmon@127.0.0.1:{free_port()}/nowhere", redis_url,
+                            ingest_pubsub_enabled=False)
+    server, port = await create_server(settings)
+    app = app_of(server)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await publish(channel, list(csv_snapshots(1)))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not app.ready.is_set()
+    finally:
+        await channel.close()
+        await app.stop(grace=1)

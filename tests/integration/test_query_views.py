@@ -11,12 +11,16 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-
 from optmon.v1 import query_service_pb2 as q
 from optmon.v1 import query_service_pb2_grpc as qg
-from tests.support.query_fixtures import bars_dsn, bars_template, query_server  # noqa: F401
+
+from tests.support import query_fixtures
 
 pytestmark = pytest.mark.integration
+# fixtures (module attributes so pytest finds them)
+bars_dsn = query_fixtures.bars_dsn
+bars_template = query_fixtures.bars_template
+query_server = query_fixtures.query_server
 CARRY = timedelta(minutes=5)
 
 
@@ -149,7 +153,7 @@ async def test_option_chain_analytics_match_csv(query_server, csv: pd.DataFrame)
     assert resp.atm_iv == pytest.approx((a["iv_ce"] + a["iv_pe"]) / 2)
     # IV history: ATM (per minute, nearest listed strike of that minute) IV of this expiry up to the bucket
     hist = []
-    for t, g in day.groupby("ts"):
+    for _t, g in day.groupby("ts"):
         s = float(g["spot"].iloc[0])
         k = _atm(sorted(set(g["strike"])), s)
         ivs = g[g["strike"] == k]["iv"].tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import AsyncIterator
-from datetime import time
+from datetime import date, time
 from pathlib import Path
 
 import grpc
@@ -16,6 +16,7 @@ from services.ingest.settings import IngestSettings
 from services.replay import cli
 from services.replay.publisher import publish_grpc
 from services.replay.sources import open_source
+from services.replay.synthetic import synthetic_session
 from tests.conftest import INDEX_5MIN_DIR
 
 
@@ -51,3 +52,13 @@ async def test_cli_grpc_5min_parity_spot(ingest_addr: str) -> None:
     assert stats.accepted is not None and stats.rejected is not None
     assert stats.accepted + stats.rejected == stats.rows + stats.underlying_ticks
     assert stats.accepted > 0.9 * stats.rows, stats.rejected_by_reason
+
+
+async def test_synthetic_session_fully_accepted_by_ingest(ingest_addr: str) -> None:
+    """Every synthetic tick passes ingest's validation (grid, expiry, IV range, finite Greeks, session time)."""
+    snaps = synthetic_session(["NIFTY", "BANKNIFTY", "FINNIFTY", "MIDCPNIFTY"], day=date(2026, 8, 17), minutes=2,
+                              seed=5)
+    async with grpc.aio.insecure_channel(ingest_addr) as channel:
+        stats = await publish_grpc(snaps, channel, max_speed=True)
+    assert stats.snapshots == 8
+    assert (stats.accepted, stats.rejected) == (stats.rows + stats.underlying_ticks, 0), stats.rejected_by_reason

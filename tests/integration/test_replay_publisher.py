@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from optmon.v1 import market_pb2
 
 from services.common.settings import CommonSettings
+from services.devstack.redis import free_port
 from services.replay import cli
 from services.replay.publisher import INGEST_GROUP, publish
 from services.replay.sources import ErrorLog, open_source
@@ -114,6 +115,9 @@ async def test_cli_run_file_with_filters_and_bad_rows(redis_url: str, tmp_path: 
         stats = await cli.run(_parse([str(bad), "--max-speed", "--redis-url", redis_url]), CommonSettings())
         assert (stats.rows, stats.snapshots, stats.errors) == (1, 1, 1)
         assert await r.xlen("optmon:ticks:NIFTY") == 6
+        # No PATH: the real 18-Aug day of the shared data.
+        stats = await cli.run(_parse(["--max-speed", "--start", "10:43", "--end", "10:43"]), settings)
+        assert (stats.rows, stats.snapshots) == (517, 1)
     finally:
         await r.aclose()
 
@@ -141,6 +145,9 @@ async def test_cli_run_synthetic_and_usage_errors(redis_url: str, tmp_path: Path
     junk.write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="unknown format"):
         await cli.run(_parse([str(junk)]), settings)
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with pytest.raises(SystemExit, match="unreachable"):
+        await cli.run(_parse(["--synthetic", "--minutes", "1", "--max-speed", "--redis-url", dead]), settings)
     with pytest.raises(SystemExit):  # argparse: --speed must be > 0, and --speed excludes --max-speed
         _parse(["--speed", "0"])
     with pytest.raises(SystemExit):

@@ -31,7 +31,7 @@ async def test_redis_restart_resumes_with_fresh_snapshot(tmp_path: Path) -> None
         await asyncio.sleep(0.3)  # the consumer sees the error and starts backing off
         redis.start()
         async with asyncio.timeout(20):
-            while metric("optmon_stream_redis_reconnects_total") == reconnects0:
+            while metric("optmon_stream_redis_reconnects_total") == reconnects0:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         await stack.pub.redis.aclose()
         stack.pub.redis = type(stack.pub.redis).from_url(redis.url)

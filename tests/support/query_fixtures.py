@@ -19,12 +19,16 @@ from tests.support.load_bars import load_nifty_day
 
 _TEMPLATE = "optmon_query_bars_tpl"
 _n = itertools.count()
+#: Clusters whose template was built in this process (the fixture is re-bound per test module, the load is not).
+_built: set[str] = set()
 
 
 @pytest.fixture(scope="session")
 def bars_template(pg_cluster: PgCluster, nifty_1min_csv: Path) -> str:
     """Name of a template database (migrated + the whole 18-Aug day loaded), built once per session."""
     base = pg_cluster.dsn.rsplit("/", 1)[0]
+    if pg_cluster.dsn in _built:
+        return _TEMPLATE
     with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {_TEMPLATE}")
         conn.execute(f"CREATE DATABASE {_TEMPLATE} TEMPLATE optmon_template")
@@ -34,6 +38,7 @@ def bars_template(pg_cluster: PgCluster, nifty_1min_csv: Path) -> str:
         loop.run_until_complete(load_nifty_day(f"{base}/{_TEMPLATE}", nifty_1min_csv))
     finally:
         loop.close()
+    _built.add(pg_cluster.dsn)
     return _TEMPLATE
 
 

@@ -69,6 +69,7 @@ CASES: list[tuple[str, dict[str, Any], int]] = [
     ("strike negative", {"strike": -50.0}, v.BAD_STRIKE),
     ("strike nan", {"strike": math.nan}, v.BAD_STRIKE),
     ("strike off grid", {"strike": 24225.0}, v.BAD_STRIKE),
+    ("strike absurd (on grid)", {"strike": 1e300}, v.BAD_STRIKE),
     ("expiry before tick date", {"expiry": "2026-08-17"}, v.BAD_EXPIRY),
     ("expiry malformed", {"expiry": "25-Aug-2026"}, v.BAD_EXPIRY),
     ("expiry empty", {"expiry": ""}, v.BAD_EXPIRY),
@@ -77,6 +78,8 @@ CASES: list[tuple[str, dict[str, Any], int]] = [
     ("after session", {"exchange_time": ts(datetime(2026, 8, 18, 10, 30, tzinfo=UTC))}, v.BAD_TIME),  # 16:00 IST
     ("epoch zero time (Kite pre-open)", {"exchange_time": ts(datetime(1970, 1, 1, tzinfo=UTC)),
                                          "expiry": "1970-01-01"}, v.BAD_TIME),
+    ("time a year ahead", {"exchange_time": ts(datetime(2027, 8, 18, 5, 13, tzinfo=UTC)),
+                           "expiry": "2027-08-25"}, v.BAD_TIME),
     ("option type unspecified", {"option_type": market_pb2.OPTION_TYPE_UNSPECIFIED}, v.MALFORMED),
     ("underlying missing", {"underlying": ""}, v.MALFORMED),
     ("exchange time missing", {"exchange_time": None}, v.MALFORMED),

@@ -50,7 +50,7 @@ def test_normalize_reports_every_bad_field() -> None:
 
 
 def _book_at(price: float, minute: int) -> tuple[Book, dict[str, set[float]]]:
-    book = Book()
+    book = Book(50.0, 300)
     bars = [codec.bar_from_pb(b) for b in synthetic_chain("NIFTY", [E], STRIKES, 1000 + 60 * minute, price, 50.0,
                                                           minute=minute)]
     touched = book.apply(bars, 1000 + 60 * minute, price)
@@ -60,7 +60,7 @@ def _book_at(price: float, minute: int) -> tuple[Book, dict[str, set[float]]]:
 def test_window_follows_atm() -> None:
     f, _ = _norm(strikes_around_atm=2, expiries=[E])
     book, _ = _book_at(24510.0, 0)
-    view = GroupView(f, [E], 50.0)
+    view = GroupView(f, [E])
     view.rebuild(book)
     assert view.windows[E] == [24400.0, 24450.0, 24500.0, 24550.0, 24600.0]
     bars = [codec.bar_from_pb(b) for b in synthetic_chain("NIFTY", [E], STRIKES, 1060, 24590.0, 50.0, minute=1)]
@@ -77,9 +77,9 @@ def test_window_follows_atm() -> None:
 def test_delta_carries_only_changed_fields() -> None:
     b = Bar(24500.0, 60, 24510.0, 0, 24500.0, (1.0,) * 13, None)
     f, _ = _norm(strikes_around_atm=1, expiries=[E])
-    book = Book()
+    book = Book(50.0, 300)
     book.apply([(E, b)], 60, 24510.0)
-    view = GroupView(f, [E], 50.0)
+    view = GroupView(f, [E])
     view.rebuild(book)
     leg = list(b.call or ())
     leg[9] = 7  # OI
@@ -101,7 +101,7 @@ def test_conflation_equals_applying_one_by_one(seed: int) -> None:
     rnd = random.Random(seed)
     f, _ = _norm(strikes_around_atm=3, expiries=[E], indicators=[1, 2, 7])
     book, _ = _book_at(24500.0, 0)
-    view = GroupView(f, [E], 50.0)
+    view = GroupView(f, [E])
     view.rebuild(book)
     one, merged = ReferenceClient("NIFTY"), ReferenceClient("NIFTY")
     snap = codec.snapshot_body(view.snapshot(book, "NIFTY"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.domain.moneyness import atm_strike, moneyness_level
 from services.common.domain.timeframes import Timeframe
@@ -72,7 +73,7 @@ class LegBar:
     bucket); for late legs they are None except ``day_volume`` = the max cumulative volume of the new ticks, and the
     session is recomputed in SQL."""
 
-    agg: list[float]
+    agg: list[Any]
     late: bool
     day_volume: int
     volume: int | None
@@ -90,7 +91,7 @@ class BarBuilder:
     __slots__ = ("first_tick_us", "legs", "underlying")
 
     def __init__(self) -> None:
-        self.legs: dict[LegKey, dict[int, list[float]]] = {}
+        self.legs: dict[LegKey, dict[int, list[Any]]] = {}
         self.underlying: dict[str, dict[int, list[float]]] = {}
         #: Earliest exchange time (µs) of an accepted tick, per underlying.
         self.first_tick_us: dict[str, int] = {}
@@ -168,7 +169,7 @@ class BarBuilder:
         return out
 
 
-def derive_leg(buckets: dict[int, list[float]], state: LegState | None,
+def derive_leg(buckets: dict[int, list[Any]], state: LegState | None,
                horizon_s: int = 0) -> tuple[dict[int, LegBar], LegState | None]:
     """Turn one leg's raw aggregates (``{bucket_s: agg}``) into :class:`LegBar` s, in bucket order, chaining the
     leg's state. Returns the bars and the leg's state after these bars are committed (the input is not mutated).
@@ -240,6 +241,16 @@ class UnderlyingCloses:
         elif close_us >= old[0]:
             ub[bucket] = (close_us, close)
 
+    def prune_before(self, bucket: int) -> None:
+        """Forget closes of buckets before ``bucket`` (epoch s)."""
+        for u, buckets in self._sorted.items():
+            i = bisect.bisect_left(buckets, bucket)
+            if i:
+                ub = self.bars[u]
+                for b in buckets[:i]:
+                    del ub[b]
+                del buckets[:i]
+
     def price_at(self, underlying: str, bucket: int) -> float | None:
         """The close of the latest 1-minute bucket ≤ ``bucket`` (epoch s), or None when nothing is known."""
         buckets = self._sorted.get(underlying)
@@ -278,6 +289,10 @@ class ListedStrikes:
         old = d.get(strike)
         if old is None or bucket < old:
             d[strike] = bucket
+
+    def expiries(self, underlying: str) -> list[tuple[str, int]]:
+        """(expiry, session) pairs with listed strikes of ``underlying``."""
+        return [(e, d) for (u, e, d) in self.first if u == underlying]
 
     def listed(self, underlying: str, expiry: str, bucket: int) -> list[float]:
         """Sorted strikes of the expiry listed at ``bucket`` (epoch s)."""

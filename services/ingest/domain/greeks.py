@@ -30,9 +30,9 @@ Units and conventions (those of vollib, ``vollib.black_scholes_merton`` and ``vo
   vega by 0.01. Greek formulas: Hull, *Options, Futures, and Other Derivatives*, ch. 19 ("The Greek Letters"), the
   table of Greeks for an asset paying a yield q, with F for S and r for q for futures options (Black's model).
 
-Settings the ingest pipeline passes in (``services/ingest/settings.py``): ``ingest_risk_free_rate`` (env
-``OPTMON_INGEST_RISK_FREE_RATE``, default 0.065) → ``r`` and ``ingest_dividend_yield``
-(``OPTMON_INGEST_DIVIDEND_YIELD``, default 0.0) → ``q``. docs/greeks.md compares the result with NSE's published IV.
+Settings the ingest pipeline passes in (``services/ingest/settings.py``): ``iv_rate`` (env ``OPTMON_IV_RATE``, default
+0.065) → ``r`` and ``iv_dividend_yield`` (``OPTMON_IV_DIVIDEND_YIELD``, default 0.0) → ``q``. docs/greeks.md compares
+the result with NSE's published IV.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ class _Model:
         self.q = q_
         #: Price of the underlying the delta/gamma refer to: spot (BSM) or futures (Black-76).
         self.delta_underlying = np.where(self.black, f_, s)
-        #: delta = ω·G·N(ω d1): G = e^{-qT} (BSM, Hull Table 19.6) or e^{-rT} (Black-76 delta w.r.t. F).
+        #: delta = ω·G·N(ω d1): G = e^{-qT} (BSM, Hull ch. 19) or e^{-rT} (Black-76 delta w.r.t. F).
         #: theta's carry term uses the yield q (BSM) or r (Black-76, the futures price has no drift).
         with np.errstate(over="ignore", invalid="ignore"):
             self.delta_scale = np.where(self.black, self.discount, np.exp(-q_ * t))
@@ -462,7 +462,7 @@ def greeks(
 ) -> dict[str, F64]:
     """Analytical Greeks, elementwise; keys ``delta``, ``gamma``, ``theta``, ``vega`` (arrays of the broadcast shape).
 
-    Inputs as in :func:`implied_vol`, with ``sigma`` the decimal annual volatility. Formulas (Hull ch. 19, Table 19.6;
+    Inputs as in :func:`implied_vol`, with ``sigma`` the decimal annual volatility. Formulas (Hull ch. 19;
     ω = +1 call / -1 put, G = e^{-qT} (BSM) or e^{-rT} (Black-76), U = spot (BSM) or futures (Black-76), a = q (BSM)
     or r (Black-76)):
 

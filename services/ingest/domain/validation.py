@@ -25,24 +25,30 @@ if TYPE_CHECKING:
     from services.ingest.settings import IngestSettings
 
 RR = ingest_service_pb2.RejectReason
-NON_POSITIVE_LTP = RR.Value("REJECT_REASON_NON_POSITIVE_LTP")
-NEGATIVE_VOLUME = RR.Value("REJECT_REASON_NEGATIVE_VOLUME")
-NEGATIVE_OI = RR.Value("REJECT_REASON_NEGATIVE_OI")
-NON_FINITE_GREEKS = RR.Value("REJECT_REASON_NON_FINITE_GREEKS")
-IV_OUT_OF_RANGE = RR.Value("REJECT_REASON_IV_OUT_OF_RANGE")
-UNKNOWN_UNDERLYING = RR.Value("REJECT_REASON_UNKNOWN_UNDERLYING")
-BAD_STRIKE = RR.Value("REJECT_REASON_BAD_STRIKE")
-BAD_EXPIRY = RR.Value("REJECT_REASON_BAD_EXPIRY")
-BAD_TIME = RR.Value("REJECT_REASON_BAD_TIME")
-DUPLICATE = RR.Value("REJECT_REASON_DUPLICATE")
-SUSPICIOUS_JUMP = RR.Value("REJECT_REASON_SUSPICIOUS_JUMP")
-MALFORMED = RR.Value("REJECT_REASON_MALFORMED")
+NON_POSITIVE_LTP = ingest_service_pb2.REJECT_REASON_NON_POSITIVE_LTP
+NEGATIVE_VOLUME = ingest_service_pb2.REJECT_REASON_NEGATIVE_VOLUME
+NEGATIVE_OI = ingest_service_pb2.REJECT_REASON_NEGATIVE_OI
+NON_FINITE_GREEKS = ingest_service_pb2.REJECT_REASON_NON_FINITE_GREEKS
+IV_OUT_OF_RANGE = ingest_service_pb2.REJECT_REASON_IV_OUT_OF_RANGE
+UNKNOWN_UNDERLYING = ingest_service_pb2.REJECT_REASON_UNKNOWN_UNDERLYING
+BAD_STRIKE = ingest_service_pb2.REJECT_REASON_BAD_STRIKE
+BAD_EXPIRY = ingest_service_pb2.REJECT_REASON_BAD_EXPIRY
+BAD_TIME = ingest_service_pb2.REJECT_REASON_BAD_TIME
+DUPLICATE = ingest_service_pb2.REJECT_REASON_DUPLICATE
+SUSPICIOUS_JUMP = ingest_service_pb2.REJECT_REASON_SUSPICIOUS_JUMP
+MALFORMED = ingest_service_pb2.REJECT_REASON_MALFORMED
 
 #: RejectReason number → label without prefix, e.g. ``{1: "NON_POSITIVE_LTP", ...}`` (UNSPECIFIED excluded).
 REASON_NAMES: dict[int, str] = {
     num: name.removeprefix("REJECT_REASON_") for name, num in RR.items() if num != 0
 }
 
+#: Sanity bounds that hold whatever the configuration: strikes above MAX_STRIKE index points (no index is near it;
+#: a larger value would overflow the stored moneyness level) and exchange times before 2000-01-01 UTC or more than a
+#: day after "now" are rejected (BAD_STRIKE / BAD_TIME).
+MAX_STRIKE = 10_000_000.0
+MIN_TIME_S = 946_684_800
+MAX_FUTURE_S = 86_400
 #: IST is UTC+05:30 (no DST), in seconds.
 IST_OFFSET_S = 19_800
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
@@ -84,15 +90,16 @@ class Validator:
     """Checks ticks against the configured rules.
 
     Rules, in order (the first failing one is the reason): option type set, underlying and exchange time present,
-    and finite underlying/futures prices (MALFORMED); configured underlying (UNKNOWN_UNDERLYING); strike > 0 and on
-    the grid ``settings.strike_steps[underlying]`` (BAD_STRIKE); expiry a ``YYYY-MM-DD`` date not before the tick's
-    IST date (BAD_EXPIRY); 0 < LTP < ∞ (NON_POSITIVE_LTP); volume ≥ 0 (NEGATIVE_VOLUME); OI ≥ 0 (NEGATIVE_OI); IV and
-    Greeks finite when present (NON_FINITE_GREEKS); IV in (0, 500] % (IV_OUT_OF_RANGE); exchange time within
-    ``ingest_max_tick_age_s`` of ``now`` (0 = off) and inside the IST session window (BAD_TIME); not an exact copy of
-    one of the contract's last ``ingest_dedup_window`` accepted ticks (DUPLICATE); an LTP move above
-    ``ingest_jump_threshold`` against the contract's previous accepted tick is suspicious, rejected as
-    SUSPICIOUS_JUMP under policy "reject" unless the previous tick was such a rejected jump to within the threshold
-    of this one (the move is then confirmed and accepted).
+    and finite underlying/futures prices (MALFORMED); configured underlying (UNKNOWN_UNDERLYING); 0 < strike ≤
+    MAX_STRIKE and on the grid ``settings.strike_steps[underlying]`` (BAD_STRIKE); expiry a ``YYYY-MM-DD`` date not
+    before the tick's IST date (BAD_EXPIRY); 0 < LTP < ∞ (NON_POSITIVE_LTP); volume ≥ 0 (NEGATIVE_VOLUME); OI ≥ 0
+    (NEGATIVE_OI); IV and Greeks finite when present (NON_FINITE_GREEKS); IV in (0, 500] % (IV_OUT_OF_RANGE);
+    exchange time after 2000-01-01, at most a day ahead of ``now``, within ``ingest_max_tick_age_s`` of ``now`` (0 =
+    off) and inside the IST session window (BAD_TIME); not an exact copy of one of the contract's last
+    ``ingest_dedup_window`` accepted ticks (DUPLICATE); an LTP move above ``ingest_jump_threshold`` against the
+    contract's previous accepted tick is suspicious, rejected as SUSPICIOUS_JUMP under policy "reject" unless the
+    previous tick was such a rejected jump to within the threshold of this one (the move is then confirmed and
+    accepted).
 
     Memory is bounded: state for at most ``ingest_state_contracts`` contracts (least recently seen evicted), each a
     deque of ``ingest_dedup_window`` 64-bit fingerprints. Not thread-safe (one event loop).
@@ -111,6 +118,8 @@ class Validator:
         self._cap = int(settings.ingest_state_contracts)
         self._state: OrderedDict[ContractKey, _ContractState] = OrderedDict()
         self._expiries: dict[str, int | None] = {}
+        self._now: datetime | None = None
+        self._now_s = 0.0
         # Undo journal of the open attempt: contract → its state before the attempt (None: did not exist).
         self._journal: dict[ContractKey, tuple[tuple[int, ...], float, float] | None] | None = None
 
@@ -159,7 +168,11 @@ class Validator:
         return ordinal
 
     def _check_time(self, ts: int, now: datetime) -> str | None:
-        if self._max_age and abs(now.timestamp() - ts) > self._max_age:
+        if now is not self._now:
+            self._now, self._now_s = now, now.timestamp()
+        if ts < MIN_TIME_S or ts > self._now_s + MAX_FUTURE_S:
+            return f"exchange_time {ts} s since the epoch is before 2000 or more than a day ahead of now"
+        if self._max_age and abs(self._now_s - ts) > self._max_age:
             return f"exchange_time {ts} is more than {self._max_age:g} s from now"
         if self._session is not None:
             tod = (ts + IST_OFFSET_S) % 86_400
@@ -187,13 +200,14 @@ class Validator:
         if step is None:
             return UNKNOWN_UNDERLYING, f"underlying={underlying!r} not configured", False
         strike = tick.strike
-        if not (0.0 < strike < math.inf):
+        if not (0.0 < strike <= MAX_STRIKE):
             return BAD_STRIKE, f"strike={strike!r}", False
         if self._grid:
             q = strike / step
             if abs(q - round(q)) > 1e-6:
                 return BAD_STRIKE, f"strike={strike!r} off the {step:g}-point grid", False
-        ts = tick.exchange_time.seconds
+        et = tick.exchange_time
+        ts = et.seconds
         expiry = tick.expiry
         ordinal = self._expiry_ordinal(expiry)
         if ordinal is None:
@@ -203,18 +217,31 @@ class Validator:
         ltp = tick.ltp
         if not (0.0 < ltp < math.inf):
             return NON_POSITIVE_LTP, f"ltp={ltp!r}", False
-        if tick.volume < 0:
-            return NEGATIVE_VOLUME, f"volume={tick.volume}", False
-        if tick.oi < 0:
-            return NEGATIVE_OI, f"oi={tick.oi}", False
-        for name in _GREEKS:
-            if tick.HasField(name) and not math.isfinite(getattr(tick, name)):
-                return NON_FINITE_GREEKS, f"{name}={getattr(tick, name)!r}", False
-        if tick.HasField("iv") and not (0.0 < tick.iv <= 500.0):
-            return IV_OUT_OF_RANGE, f"iv={tick.iv!r}", False
-        for name in ("underlying_price", "futures_price"):
-            if tick.HasField(name) and not (0.0 < getattr(tick, name) < math.inf):
-                return MALFORMED, f"{name}={getattr(tick, name)!r}", False
+        volume = tick.volume
+        if volume < 0:
+            return NEGATIVE_VOLUME, f"volume={volume}", False
+        oi = tick.oi
+        if oi < 0:
+            return NEGATIVE_OI, f"oi={oi}", False
+        # An absent optional double reads 0.0, so the values can be checked without HasField on the hot path: NaN
+        # and ±∞ propagate through the sum (∞ − ∞ is NaN), and only a 0.0 needs HasField to tell "absent" apart.
+        iv = tick.iv
+        greeks = (iv, tick.delta, tick.gamma, tick.theta, tick.vega)
+        if not math.isfinite(sum(greeks)):
+            for name, value in zip(_GREEKS, greeks, strict=True):
+                if not math.isfinite(value):
+                    return NON_FINITE_GREEKS, f"{name}={value!r}", False
+        if (iv != 0.0 and not (0.0 < iv <= 500.0)) or (iv == 0.0 and tick.HasField("iv")):
+            return IV_OUT_OF_RANGE, f"iv={iv!r}", False
+        spot = tick.underlying_price
+        fut = tick.futures_price
+        if (spot != 0.0 or fut != 0.0) and not (0.0 <= spot < math.inf and 0.0 <= fut < math.inf):
+            name = "underlying_price" if not (0.0 <= spot < math.inf) else "futures_price"
+            return MALFORMED, f"{name}={getattr(tick, name)!r}", False
+        if spot == 0.0 and tick.HasField("underlying_price"):
+            return MALFORMED, "underlying_price=0.0", False
+        if fut == 0.0 and tick.HasField("futures_price"):
+            return MALFORMED, "futures_price=0.0", False
         bad_time = self._check_time(ts, now)
         if bad_time is not None:
             return BAD_TIME, bad_time, False
@@ -233,7 +260,10 @@ class Validator:
                     journal.pop(evicted, None)  # cannot be restored any more: it is simply forgotten
         else:
             state.move_to_end(key)
-        fp = hash(tick.SerializeToString(deterministic=True))
+        # Fingerprint of every value field (the contract is the state key); an absent optional field and an explicit
+        # 0.0 differ only in presence, which no accepted tick can exploit (explicit zeros are rejected above except
+        # for Greeks, where 0.0 and "absent" carry the same information).
+        fp = hash((ts, et.nanos, ltp, volume, oi, greeks, spot, fut))
         if fp in st.fps:
             return DUPLICATE, "exact duplicate of a recent tick of the contract", False
         suspicious = False

@@ -47,6 +47,14 @@ def _database_errors() -> tuple[type[BaseException], ...]:
         asyncpg.PostgresConnectionError,
         asyncpg.CannotConnectNowError,
         asyncpg.InterfaceError,
+        # transient server-side conditions: retrying the whole batch later is right, dead-lettering it is not
+        asyncpg.exceptions.DeadlockDetectedError,
+        asyncpg.exceptions.SerializationError,
+        asyncpg.exceptions.TooManyConnectionsError,
+        asyncpg.exceptions.QueryCanceledError,
+        asyncpg.exceptions.InsufficientResourcesError,
+        asyncpg.exceptions.AdminShutdownError,
+        asyncpg.exceptions.CrashShutdownError,
         OSError,
         asyncio.TimeoutError,
     ]
@@ -59,7 +67,9 @@ def _database_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: Exceptions meaning "Redis is unreachable right now" (retried by every input).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def count_ticks(batch: market_pb2.TickBatch) -> int:
@@ -168,7 +178,7 @@ class Committer:
                     result = await self._pipeline.process(batches)
                 except self._db_errors as exc:
                     cause, err = "database", exc
-                except _REDIS_ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     cause, err = "redis", exc
                 except BaseException:
                     if self._validator is not None:

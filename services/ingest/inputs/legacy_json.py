@@ -119,7 +119,7 @@ def option_tick_from_json(obj: Any, underlying: str) -> market_pb2.OptionTick:
     _check_underlying(obj, underlying)
     raw_type = _first(obj, "option_type", "type")
     if isinstance(raw_type, str) and raw_type.upper() in _TYPES:
-        otype = _TYPES[raw_type.upper()]
+        otype: int = _TYPES[raw_type.upper()]
     elif isinstance(raw_type, int | float) and not isinstance(raw_type, bool) and raw_type in (1, 2):
         otype = int(raw_type)
     else:
@@ -131,7 +131,7 @@ def option_tick_from_json(obj: Any, underlying: str) -> market_pb2.OptionTick:
         underlying=underlying,
         expiry=expiry.strip()[:10] if "T" in expiry else expiry.strip(),
         strike=_number(obj, "strike"),
-        option_type=otype,
+        option_type=otype,  # type: ignore[arg-type]
         ltp=_number(obj, "ltp", "last_price"),
         volume=_integer(obj, "volume"),
         oi=_integer(obj, "oi"),

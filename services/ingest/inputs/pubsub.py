@@ -16,19 +16,17 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 from optmon.v1 import ingest_service_pb2, market_pb2
 
 from services.ingest.domain.validation import MALFORMED, REASON_NAMES
 from services.ingest.inputs import metrics
-from services.ingest.inputs.committer import Committer, CommitterClosed, count_ticks
+from services.ingest.inputs.committer import REDIS_ERRORS, Committer, CommitterClosed, count_ticks
 from services.ingest.inputs.legacy_json import parse_message
 from services.ingest.settings import IngestSettings
 from services.ingest.store.deadletter import write_dead_letters
 
 log = structlog.get_logger("ingest.pubsub")
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def legacy_channels(underlyings: list[str]) -> dict[str, tuple[str, str]]:
@@ -89,7 +87,7 @@ class PubSubInput:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
                     if msg is not None and msg.get("type") == "message":
                         await self._on_message(msg["channel"], msg["data"])
-            except _REDIS_ERRORS as e:
+            except REDIS_ERRORS as e:
                 self._subscribed.clear()
                 log.warning("ingest.pubsub_disconnected", error=str(e), retry_in_s=backoff)
                 try:
@@ -121,7 +119,7 @@ class PubSubInput:
                     for e in errors]
             try:
                 await write_dead_letters(self._redis, dead, maxlen=self._settings.ingest_deadletter_maxlen)
-            except _REDIS_ERRORS:
+            except REDIS_ERRORS:
                 log.warning("ingest.pubsub_deadletter_failed", count=len(dead))
             try:
                 from services.ingest.metrics import REJECTED

@@ -33,7 +33,7 @@ from optmon.v1 import ingest_service_pb2, market_pb2
 
 from services.ingest.domain.validation import MALFORMED, REASON_NAMES
 from services.ingest.inputs import metrics
-from services.ingest.inputs.committer import Committer, CommitterClosed, count_ticks
+from services.ingest.inputs.committer import REDIS_ERRORS, Committer, CommitterClosed, count_ticks
 from services.ingest.settings import IngestSettings
 from services.ingest.store.deadletter import write_dead_letters
 
@@ -41,7 +41,6 @@ log = structlog.get_logger("ingest.streams")
 
 #: Consumer group every ingest replica joins.
 GROUP = "ingest"
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def tick_stream_key(underlying: str) -> str:
@@ -150,7 +149,7 @@ class StreamConsumer:
                     count=self._settings.ingest_stream_read_count,
                     block=self._settings.ingest_stream_block_ms,
                 )
-                entries = [(_s(key), _s(eid), fields) for key, items in resp or () for eid, fields in items]
+                entries = [(_s(key), _s(eid), fields) for key, items in resp or () for eid, fields in items]  # type: ignore[misc,union-attr,str-unpack]
                 if entries:
                     await self._handle(entries)
                 backoff = self._settings.ingest_retry_initial_s
@@ -164,7 +163,7 @@ class StreamConsumer:
                 log.exception("ingest.stream_error")
                 await self._pause(backoff)
                 backoff = min(backoff * 2, self._settings.ingest_retry_max_s)
-            except _REDIS_ERRORS as e:
+            except REDIS_ERRORS as e:
                 log.warning("ingest.redis_unreachable", error=str(e), retry_in_s=backoff)
                 await self._pause(backoff)
                 backoff = min(backoff * 2, self._settings.ingest_retry_max_s)
@@ -216,7 +215,7 @@ class StreamConsumer:
 
     async def _commit(self, batches: list[tuple[market_pb2.TickBatch, str]],
                       entries: Sequence[tuple[str, str, Any]]) -> None:
-        ids_by_key: dict[str, list[str]] = {}
+        ids_by_key: dict[str, list[Any]] = {}
         for key, eid, _ in entries:
             ids_by_key.setdefault(key, []).append(eid)
 
@@ -227,24 +226,33 @@ class StreamConsumer:
 
         try:
             await self._committer.commit(batches, on_retry=keep_claimed)
+            return
         except CommitterClosed:
             raise
         except Exception:
-            # A batch the pipeline cannot process (not an outage): isolate the entries one by one so a single poison
-            # entry cannot block the stream; one that fails alone goes to the dead-letter stream.
-            if len(batches) == 1:
-                raise
             log.exception("ingest.batch_failed_isolating", entries=len(batches))
-            for one in batches:
+        # A batch the pipeline cannot process (not an outage: those are retried inside commit). Retry entry by entry,
+        # a few times each, so a single poison entry cannot block the stream; one that keeps failing on its own goes
+        # to the dead-letter stream (MALFORMED, raw TickBatch bytes) and is acknowledged with the others.
+        for one in batches:
+            delay = self._settings.ingest_retry_initial_s
+            for attempt in range(3):
                 try:
                     await self._committer.commit([one], on_retry=keep_claimed)
+                    break
                 except CommitterClosed:
                     raise
                 except Exception as e:
-                    log.exception("ingest.entry_failed")
-                    await self._retry_redis(lambda e=e, one=one: write_dead_letters(self._redis, [
-                        ingest_service_pb2.DeadLetter(reason=MALFORMED, detail=f"pipeline error: {e!r}"[:500],
-                                                      source=one[1], raw=one[0].SerializeToString())]))
+                    if attempt < 2:
+                        await asyncio.sleep(delay)
+                        delay *= 2
+                        continue
+                    log.exception("ingest.entry_dead_lettered", source=one[1])
+                    item = ingest_service_pb2.DeadLetter(
+                        reason=MALFORMED, detail=f"pipeline error: {e!r}"[:500], source=one[1],
+                        raw=one[0].SerializeToString())
+                    await self._retry_redis(lambda item=item: write_dead_letters(
+                        self._redis, [item], maxlen=self._settings.ingest_deadletter_maxlen))
                     await _increment_rejected(REASON_NAMES[MALFORMED], count_ticks(one[0]))
 
     async def _retry_redis(self, op: Any) -> Any:
@@ -253,7 +261,7 @@ class StreamConsumer:
         while True:
             try:
                 return await op()
-            except _REDIS_ERRORS as e:
+            except REDIS_ERRORS as e:
                 log.warning("ingest.redis_retry", error=str(e), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.ingest_retry_max_s)
@@ -356,7 +364,22 @@ class StreamConsumer:
             log.info("ingest.stream_trimmed", entries=removed)
         return removed
 
+    async def forget_dead_consumers(self) -> int:
+        """XGROUP DELCONSUMER every other consumer with nothing pending that has been idle for more than 10 ×
+        ``ingest_claim_idle_ms`` (restarted processes leave their names behind); returns how many were removed.
+        A live consumer is never idle that long: every read, claim and retry refreshes its idle time."""
+        limit = 10 * self._settings.ingest_claim_idle_ms
+        removed = 0
+        for key in self.keys:
+            for c in await self._redis.xinfo_consumers(key, GROUP):
+                name = _s(c.get("name", ""))
+                if name != self.name and int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) > limit:
+                    await self._redis.xgroup_delconsumer(key, GROUP, name)
+                    removed += 1
+        return removed
+
     async def maintenance(self) -> None:
-        """Reclaim idle entries of crashed consumers, then trim."""
+        """Reclaim idle entries of crashed consumers, forget long-dead consumers, then trim."""
         await self.claim_idle()
+        await self.forget_dead_consumers()
         await self.trim()

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from optmon.v1 import market_pb2
+
 from services.common.domain.timeframes import Timeframe
 
 
@@ -36,46 +36,98 @@ def _ts_us(us: int) -> Timestamp:
     return Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
 
-_LEG_MAP = (("close", "ltp"), ("open", "open"), ("high", "high"), ("low", "low"), ("iv", "iv"), ("delta", "delta"),
-            ("gamma", "gamma"), ("theta", "theta"), ("vega", "vega"), ("oi", "oi"), ("oi_change", "oi_change"),
-            ("volume", "volume"))
-_LEG_COLS = {s: [(f"{s}_{c}", f) for c, f in _LEG_MAP] for s in ("ce", "pe")}
+# Positions in a bar row (columns of ``services.ingest.store.pg.BAR_COLUMNS``): 7 key/moneyness columns, then
+# per side open, high, low, close, iv, delta, gamma, theta, vega, oi, oi_change, volume, day_volume, close_time.
+_CE, _PE = 7, 21
+_TS_CACHE: dict[dt.datetime, Timestamp] = {}
+_EXPIRY_CACHE: dict[dt.date, str] = {}
 
 
-def _leg(row: Mapping[str, Any], side: str) -> market_pb2.OptionLeg | None:
-    if row[f"{side}_close_time"] is None:
-        return None
-    kw = {f: v for c, f in _LEG_COLS[side] if (v := row[c]) is not None}
-    return market_pb2.OptionLeg(**kw)
+def _ts_cached(value: dt.datetime) -> Timestamp:
+    t = _TS_CACHE.get(value)
+    if t is None:
+        if len(_TS_CACHE) > 100_000:
+            _TS_CACHE.clear()
+        t = _TS_CACHE[value] = _ts(value)
+    return t
 
 
-def strike_bar(row: Mapping[str, Any], tf: Timeframe) -> market_pb2.StrikeBar:
-    """A bar row (columns of ``services.ingest.store.pg.BAR_COLUMNS``) as a ``StrikeBar``. NULL underlying close /
-    ATM / level (index value not known yet) become 0."""
-    return market_pb2.StrikeBar(
-        underlying=row["underlying"], expiry=row["expiry"].isoformat(), strike=row["strike"], timeframe=int(tf),
-        bucket_time=_ts(row["bucket_time"]), underlying_close=row["underlying_close"] or 0.0,
-        moneyness_level=row["moneyness_level"] or 0, atm_strike=row["atm_strike"] or 0.0,
-        call=_leg(row, "ce"), put=_leg(row, "pe"))
+def _fill_leg(leg: market_pb2.OptionLeg, v: Sequence[Any], i: int) -> None:
+    o, h, lo, c, iv, d, g, th, ve, oi, oic, vol = v[i:i + 12]
+    if None in (o, h, lo, c, iv, d, g, th, ve, oi, oic, vol):
+        for f, x in zip(_LEG_NAMES, (c, o, h, lo, iv, d, g, th, ve, oi, oic, vol), strict=True):
+            if x is not None:
+                setattr(leg, f, x)
+        return
+    leg.ltp = c
+    leg.open = o
+    leg.high = h
+    leg.low = lo
+    leg.iv = iv
+    leg.delta = d
+    leg.gamma = g
+    leg.theta = th
+    leg.vega = ve
+    leg.oi = oi
+    leg.oi_change = oic
+    leg.volume = vol
 
 
-def build_updates(changed: Mapping[Timeframe, Iterable[Mapping[str, Any]]], *, commit_time: dt.datetime,
+_LEG_NAMES = ("ltp", "open", "high", "low", "iv", "delta", "gamma", "theta", "vega", "oi", "oi_change", "volume")
+
+
+def _fill_bar(b: market_pb2.StrikeBar, v: Sequence[Any], tf: int) -> None:
+    e = _EXPIRY_CACHE.get(v[1])
+    if e is None:
+        e = _EXPIRY_CACHE[v[1]] = v[1].isoformat()
+    b.underlying = v[0]
+    b.expiry = e
+    b.strike = v[2]
+    b.timeframe = tf  # type: ignore[assignment]
+    b.bucket_time.CopyFrom(_ts_cached(v[3]))
+    if v[4] is not None:
+        b.underlying_close = v[4]
+    if v[5] is not None:
+        b.atm_strike = v[5]
+    if v[6] is not None:
+        b.moneyness_level = v[6]
+    if v[_CE + 13] is not None:  # close_time: the leg has data in the bucket
+        _fill_leg(b.call, v, _CE)
+    if v[_PE + 13] is not None:
+        _fill_leg(b.put, v, _PE)
+
+
+def strike_bar(row: Sequence[Any], tf: Timeframe) -> market_pb2.StrikeBar:
+    """A bar row (a record or tuple with the columns of ``services.ingest.store.pg.BAR_COLUMNS``, in order) as a
+    ``StrikeBar``. NULL underlying close / ATM / level (index value not known yet) are left at 0; a leg without
+    data (NULL close time) is absent."""
+    b = market_pb2.StrikeBar()
+    _fill_bar(b, tuple(row), int(tf))
+    return b
+
+
+def build_updates(changed: Mapping[Timeframe, Iterable[Sequence[Any]]], *, commit_time: dt.datetime,
                   first_tick_us: Mapping[str, int], first_receive_us: Mapping[str, int],
                   underlying_price: Mapping[str, float | None]) -> list[market_pb2.BarUpdate]:
-    """One BarUpdate (without sequence) per (underlying, timeframe) that has changed rows. Rows of the same bar
-    appearing twice keep the last one. ``first_*_us`` are epoch µs per underlying."""
+    """One BarUpdate (without sequence) per (underlying, timeframe) that has changed rows (columns of
+    ``BAR_COLUMNS`` in order), bars sorted by (bucket_time, expiry, strike). Rows of the same bar appearing twice
+    keep the last one. ``first_*_us`` are epoch µs per underlying."""
     out: list[market_pb2.BarUpdate] = []
     commit_ts = _ts(commit_time)
     for tf in sorted(changed):
-        per_u: dict[str, dict[tuple[Any, ...], Mapping[str, Any]]] = {}
+        per_u: dict[str, dict[tuple[Any, ...], Sequence[Any]]] = {}
         for row in changed[tf]:
-            per_u.setdefault(row["underlying"], {})[(row["expiry"], row["strike"], row["bucket_time"])] = row
+            v = tuple(row)
+            per_u.setdefault(v[0], {})[(v[3], v[1], v[2])] = v
         for u in sorted(per_u):
-            rows = sorted(per_u[u].values(), key=lambda r: (r["bucket_time"], r["expiry"], r["strike"]))
+            d = per_u[u]
+            rows = [d[k] for k in sorted(d)]
             upd = market_pb2.BarUpdate(
-                underlying=u, timeframe=int(tf), bucket_time=_ts(rows[-1]["bucket_time"]),
-                underlying_price=underlying_price.get(u) or 0.0, bars=[strike_bar(r, tf) for r in rows],
-                commit_time=commit_ts)
+                underlying=u, timeframe=cast(Any, int(tf)), bucket_time=_ts(rows[-1][3]),
+                underlying_price=underlying_price.get(u) or 0.0, commit_time=commit_ts)
+            add = upd.bars.add
+            for bar in rows:
+                _fill_bar(add(), bar, int(tf))
             if u in first_tick_us:
                 upd.first_tick_time.CopyFrom(_ts_us(first_tick_us[u]))
             if u in first_receive_us:

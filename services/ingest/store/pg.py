@@ -86,19 +86,21 @@ def _latest_cte(tf: Timeframe, src: str) -> str:
 
 def _upsert_1m_sql() -> str:
     """The 1M merge-upsert: $1..$7 = underlying, expiry (text), strike, bucket (epoch s), underlying_close,
-    atm_strike, moneyness_level; then per side (ce, pe) 15 arrays: open_us, open, high, low, close, iv, delta, gamma,
-    theta, vega, oi, oi_change, volume, day_volume, close_us."""
+    atm_strike, moneyness_level; then per side (ce, pe) 15 arrays: open_us, open, high, low, close_us, close, iv,
+    delta, gamma, theta, vega, oi (the layout of a ``domain.bars`` leg aggregate), day_volume, volume, oi_change."""
     arr_types = ["text[]", "text[]", "float8[]", "int8[]", "float8[]", "float8[]", "int4[]"]
     names = ["u", "e", "s", "b", "uc", "atm", "lvl"]
     side_arrays = [("open_us", "int8[]"), ("open", "float8[]"), ("high", "float8[]"), ("low", "float8[]"),
-                   ("close", "float8[]"), ("iv", "float8[]"), ("delta", "float8[]"), ("gamma", "float8[]"),
-                   ("theta", "float8[]"), ("vega", "float8[]"), ("oi", "int8[]"), ("oi_change", "int8[]"),
-                   ("volume", "int8[]"), ("day_volume", "int8[]"), ("close_us", "int8[]")]
+                   ("close_us", "int8[]"), ("close", "float8[]"), ("iv", "float8[]"), ("delta", "float8[]"),
+                   ("gamma", "float8[]"), ("theta", "float8[]"), ("vega", "float8[]"), ("oi", "int8[]"),
+                   ("day_volume", "int8[]"), ("volume", "int8[]"), ("oi_change", "int8[]")]
     for s in SIDES:
         for n, t in side_arrays:
             names.append(f"{s}_{n}")
             arr_types.append(t)
-    params = ", ".join(f"${i + 1}::{t}" for i, t in enumerate(arr_types))
+    # Arrays travel as text literals (see :func:`pg_array`): PostgreSQL parses them in C, much cheaper than
+    # asyncpg's per-element binary encoding of ~37 × rows Python objects.
+    params = ", ".join(f"${i + 1}::text::{t}" for i, t in enumerate(arr_types))
     select = ["n.u", "n.e::date", "n.s", "to_timestamp(n.b)", "n.uc", "n.atm", "n.lvl"]
     for s in SIDES:
         for f in LEG_FIELDS:
@@ -111,8 +113,10 @@ def _upsert_1m_sql() -> str:
         "moneyness_level": "COALESCE(EXCLUDED.moneyness_level, o.moneyness_level)",
     }
     for s in SIDES:
-        newer_open = f"(EXCLUDED.{s}_open_time IS NOT NULL AND (o.{s}_open_time IS NULL OR EXCLUDED.{s}_open_time < o.{s}_open_time))"
-        newer_close = f"(EXCLUDED.{s}_close_time IS NOT NULL AND (o.{s}_close_time IS NULL OR EXCLUDED.{s}_close_time >= o.{s}_close_time))"
+        newer_open = (f"(EXCLUDED.{s}_open_time IS NOT NULL AND (o.{s}_open_time IS NULL "
+                      f"OR EXCLUDED.{s}_open_time < o.{s}_open_time))")
+        newer_close = (f"(EXCLUDED.{s}_close_time IS NOT NULL AND (o.{s}_close_time IS NULL "
+                       f"OR EXCLUDED.{s}_close_time >= o.{s}_close_time))")
         merged[f"{s}_open"] = f"CASE WHEN {newer_open} THEN EXCLUDED.{s}_open ELSE o.{s}_open END"
         merged[f"{s}_open_time"] = f"CASE WHEN {newer_open} THEN EXCLUDED.{s}_open_time ELSE o.{s}_open_time END"
         merged[f"{s}_high"] = f"GREATEST(o.{s}_high, EXCLUDED.{s}_high)"
@@ -255,12 +259,23 @@ ROLLUP_SQL = {Timeframe.M5: _rollup_sql(Timeframe.M5, Timeframe.M1),
 RECOMPUTE_SQL = {s: _recompute_sql(s) for s in SIDES}
 
 
+def pg_array(values: Sequence[Any], text: bool = False) -> str:
+    """A PostgreSQL array literal of numbers (``str`` of an int/float round-trips exactly; None → NULL) or, with
+    ``text``, of double-quoted strings."""
+    if text:
+        return "{" + ",".join(
+            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
+    if None in values:
+        return "{" + ",".join(["NULL" if v is None else str(v) for v in values]) + "}"
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 async def upsert_1m(conn: asyncpg.Connection, arrays: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
     """Merge-upsert 1-minute bars (arrays as documented on the SQL) and bars_latest; returns the changed rows
     (columns :data:`BAR_COLUMNS`)."""
     if not arrays or not arrays[0]:
         return []
-    return await conn.fetch(UPSERT_1M_SQL, *arrays)
+    return await conn.fetch(UPSERT_1M_SQL, *[pg_array(a, i < 2) for i, a in enumerate(arrays)])
 
 
 async def rollup(conn: asyncpg.Connection, tf: Timeframe, groups: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
@@ -271,7 +286,8 @@ async def rollup(conn: asyncpg.Connection, tf: Timeframe, groups: Sequence[Seque
     return await conn.fetch(ROLLUP_SQL[tf], *groups)
 
 
-async def recompute_sessions(conn: asyncpg.Connection, side: str, legs: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+async def recompute_sessions(conn: asyncpg.Connection, side: str,
+                             legs: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
     """Recompute day_volume/volume/oi_change of ``side`` ("ce"/"pe") over the sessions of ``legs`` (4 arrays:
     underlying, expiry, strike, session start epoch s); returns the changed 1M rows."""
     if not legs or not legs[0]:
@@ -297,9 +313,21 @@ async def rollup_underlying(conn: asyncpg.Connection, tf: Timeframe, underlyings
     return len(rows)
 
 
+#: Fill factor of the daily bar partitions: room for HOT updates of the open buckets' rows.
+PARTITION_FILLFACTOR = 70
+
+
 async def ensure_partitions(conn: asyncpg.Connection, first: dt.date, last: dt.date) -> int:
-    """Create the daily partitions of every bar table for [first, last] (UTC days); returns how many were created."""
-    return int(await conn.fetchval("SELECT optmon_ensure_partitions($1::date, $2::date)", first, last))
+    """Create the daily partitions of every bar table for [first, last] (UTC days) and set their fill factor to
+    :data:`PARTITION_FILLFACTOR`; returns how many partitions were created."""
+    n = int(await conn.fetchval("SELECT optmon_ensure_partitions($1::date, $2::date)", first, last))
+    if n:
+        day = first
+        while day <= last:
+            for tf in Timeframe:
+                await conn.execute(f"ALTER TABLE {tf.table}_{day:%Y%m%d} SET (fillfactor = {PARTITION_FILLFACTOR})")
+            day += dt.timedelta(days=1)
+    return n
 
 
 async def drop_partitions_before(conn: asyncpg.Connection, before: dt.date) -> int:
@@ -352,7 +380,8 @@ async def load_leg_rows(conn: asyncpg.Connection, side: str, underlying: str, ex
     return await conn.fetch(
         f"SELECT extract(epoch FROM bucket_time)::int8 AS bucket_s, "
         f"(extract(epoch FROM {side}_close_time) * 1000000)::int8 AS close_us, {side}_oi AS oi, "
-        f"{side}_day_volume AS day_volume FROM bars_1m WHERE underlying = $1 AND expiry = $2::date AND strike = $3 "
+        f"{side}_day_volume AS day_volume FROM bars_1m "
+        f"WHERE underlying = $1 AND expiry = $2::text::date AND strike = $3 "
         f"AND bucket_time >= to_timestamp($4) AND bucket_time < to_timestamp($4 + 86400) "
         f"AND {side}_close_time IS NOT NULL ORDER BY bucket_time DESC LIMIT 2",
         underlying, expiry, strike, session_s)
@@ -364,3 +393,33 @@ async def analyze_day(conn: asyncpg.Connection, day: dt.date) -> None:
     becomes a per-expiry range); the pipeline calls this as a day's partitions grow."""
     names = ", ".join(f"{tf.table}_{day:%Y%m%d}" for tf in Timeframe)
     await conn.execute(f"ANALYZE {names}")
+
+
+def _refresh_sql(tf: Timeframe) -> str:
+    """Set underlying_close / atm_strike / moneyness_level of EVERY bar of the given (underlying, expiry, bucket)
+    groups ($1 underlying, $2 expiry text, $3 bucket epoch s, $4 underlying close, $5 ATM strike, $6 strike step);
+    returns the rows that changed."""
+    lvl = "CASE WHEN g.atm IS NULL THEN NULL ELSE round((o.strike - g.atm) / g.step)::int END"
+    return (
+        "WITH g AS (SELECT u, e::date AS e, to_timestamp(b) AS bt, uc, atm, step FROM unnest($1::text[], $2::text[], "
+        "$3::int8[], $4::float8[], $5::float8[], $6::float8[]) AS g(u, e, b, uc, atm, step)), "
+        f"up AS (UPDATE {tf.table} o SET underlying_close = g.uc, atm_strike = g.atm, moneyness_level = {lvl}, "
+        "updated_at = now() FROM g WHERE o.underlying = g.u AND o.expiry = g.e AND o.bucket_time = g.bt "
+        f"AND ROW(o.underlying_close, o.atm_strike, o.moneyness_level) IS DISTINCT FROM ROW(g.uc, g.atm, {lvl}) "
+        f"RETURNING {', '.join('o.' + c for c in BAR_COLUMNS)}), "
+        f"{_latest_cte(tf, 'up')} SELECT * FROM up"
+    )
+
+
+REFRESH_SQL = {tf: _refresh_sql(tf) for tf in Timeframe}
+
+
+async def refresh_moneyness(conn: asyncpg.Connection, tf: Timeframe,
+                            groups: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+    """Re-stamp the underlying close, ATM strike and moneyness level of every bar of the ``tf`` buckets in
+    ``groups`` (6 arrays: underlying, expiry, bucket_s, underlying_close, atm_strike, strike_step) — used when the
+    index close of a bucket or its listed strikes changed, so that strikes not traded since keep a consistent
+    moneyness. Returns the changed rows."""
+    if not groups or not groups[0]:
+        return []
+    return await conn.fetch(REFRESH_SQL[tf], *groups)

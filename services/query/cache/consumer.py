@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -37,7 +38,7 @@ class UpdateConsumer:
     async def _start_ids(self) -> dict[str, str]:
         ids = {}
         for u in self.gens.underlyings:
-            last = await self.client.xrevrange(bars_stream(u), count=1)
+            last: Any = await self.client.xrevrange(bars_stream(u), count=1)
             ids[bars_stream(u)] = last[0][0].decode() if last else "0-0"
         vals = await self.client.mget([seq_key(u) for u in self.gens.underlyings])
         for u, v in zip(self.gens.underlyings, vals, strict=True):
@@ -53,7 +54,7 @@ class UpdateConsumer:
                 if ids is None:
                     ids = await self._start_ids()
                     self.ready.set()
-                resp = await self.client.xread(ids, block=self.block_ms, count=1000)
+                resp: Any = await self.client.xread(ids, block=self.block_ms, count=1000)  # type: ignore[arg-type]
                 for stream, entries in resp or []:
                     name = stream.decode() if isinstance(stream, bytes) else stream
                     for entry_id, fields in entries:

@@ -75,7 +75,7 @@ class ResponseCache:
         self.threshold = compress_threshold
         self.flights: SingleFlight[bytes] = SingleFlight()
         self._bg: set[asyncio.Task[Any]] = set()
-        self._hit = {}  # method -> prometheus child (cached lookups)
+        self._hit: dict[tuple[str, str, str], Any] = {}  # method -> prometheus child (cached lookups)
         self._lat_l1 = metrics.LATENCY.labels("l1")
         self._lat_l2 = metrics.LATENCY.labels("l2")
         self._lat_pg = metrics.LATENCY.labels("pg")
@@ -160,7 +160,7 @@ class ResponseCache:
             blob = await self.gate.call(lambda c: c.get(k))
         except RedisDown:
             return None
-        return self._unpack(blob) if blob else None
+        return self._unpack(blob) if blob else None  # type: ignore[arg-type]
 
     async def _l2_set(self, k: str, blob: bytes, ttl: int, last_k: str, last_ttl: int) -> None:
         assert self.gate is not None

@@ -29,8 +29,13 @@ class RedisGate:
     """Wraps one ``redis.asyncio.Redis`` client (short socket timeouts)."""
 
     def __init__(self, url: str, retry_s: float = 1.0, socket_timeout: float = 0.5):
-        self.client = aioredis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                                        health_check_interval=0, max_connections=64)
+        # A blocking pool: a burst of concurrent calls waits for a connection instead of failing (which would
+        # wrongly mark Redis down).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=socket_timeout, socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout)
+        self._pool = pool
+        self.client = aioredis.Redis(connection_pool=pool)
         self.retry_s = retry_s
         self.up = True
         self._retry_at = 0.0
@@ -67,5 +72,6 @@ class RedisGate:
                         degraded="serving from L1 + PostgreSQL")
 
     async def close(self) -> None:
-        """Close the client's connections."""
+        """Close the client and its pool's connections."""
         await self.client.aclose()
+        await self._pool.disconnect()

@@ -76,7 +76,7 @@ class PgStore:
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), 5)
-            except (TimeoutError, *PG_DOWN_ERRORS):
+            except PG_DOWN_ERRORS:
                 self._pool.terminate()
             self._pool = None
 
@@ -206,15 +206,15 @@ class PgStore:
         """Up to ``limit`` bars of one contract in [start, end] (strictly after ``after`` when set), as one row of
         parallel arrays t, o, h, l, c, v, oi, iv (NULL arrays when none)."""
         s = _SIDE[side]
+        # The aggregates keep the subquery's order (no per-aggregate sort: 8 sorts of 5000 rows saved).
         return await conn.fetchrow(
-            "SELECT array_agg(extract(epoch FROM bucket_time)::bigint ORDER BY bucket_time) AS t,"
-            f" array_agg({s}_open ORDER BY bucket_time) AS o, array_agg({s}_high ORDER BY bucket_time) AS h,"
-            f" array_agg({s}_low ORDER BY bucket_time) AS l, array_agg({s}_close ORDER BY bucket_time) AS c,"
-            f" array_agg(coalesce({s}_volume, 0) ORDER BY bucket_time) AS v,"
-            f" array_agg(coalesce({s}_oi, 0) ORDER BY bucket_time) AS oi,"
-            f" array_agg(coalesce({s}_iv, 0) ORDER BY bucket_time) AS iv, max(bucket_time) AS last"
-            f" FROM (SELECT * FROM {tf.table} WHERE underlying = $1 AND expiry = $2 AND strike = $3"
-            f"  AND bucket_time >= $4 AND bucket_time <= $5 AND bucket_time > coalesce($6::timestamptz, '-infinity'::timestamptz)"
+            "SELECT array_agg(t) AS t, array_agg(o) AS o, array_agg(h) AS h, array_agg(l) AS l, array_agg(c) AS c,"
+            " array_agg(v) AS v, array_agg(oi) AS oi, array_agg(iv) AS iv"
+            f" FROM (SELECT extract(epoch FROM bucket_time)::bigint AS t, {s}_open AS o, {s}_high AS h,"
+            f"  {s}_low AS l, {s}_close AS c, coalesce({s}_volume, 0) AS v, coalesce({s}_oi, 0) AS oi,"
+            f"  coalesce({s}_iv, 0) AS iv FROM {tf.table} WHERE underlying = $1 AND expiry = $2 AND strike = $3"
+            "  AND bucket_time >= $4 AND bucket_time <= $5"
+            "  AND bucket_time > coalesce($6::timestamptz, '-infinity'::timestamptz)"
             f"  AND {s}_close IS NOT NULL ORDER BY bucket_time LIMIT $7) b",
             u, expiry, strike, start, end, after, limit)
 
@@ -223,11 +223,10 @@ class PgStore:
                               start: datetime, end: datetime, limit: int) -> Any:
         """As :meth:`contract_bars` for the underlying's own bars (v, oi, iv are zeros)."""
         return await conn.fetchrow(
-            "SELECT array_agg(extract(epoch FROM bucket_time)::bigint ORDER BY bucket_time) AS t,"
-            " array_agg(open ORDER BY bucket_time) AS o, array_agg(high ORDER BY bucket_time) AS h,"
-            " array_agg(low ORDER BY bucket_time) AS l, array_agg(close ORDER BY bucket_time) AS c,"
-            " max(bucket_time) AS last, count(*) AS n"
-            " FROM (SELECT * FROM underlying_bars WHERE underlying = $1 AND timeframe = $2"
-            "  AND bucket_time >= $3 AND bucket_time <= $4 AND bucket_time > coalesce($5::timestamptz, '-infinity'::timestamptz)"
+            "SELECT array_agg(t) AS t, array_agg(o) AS o, array_agg(h) AS h, array_agg(l) AS l, array_agg(c) AS c"
+            " FROM (SELECT extract(epoch FROM bucket_time)::bigint AS t, open AS o, high AS h, low AS l, close AS c"
+            "  FROM underlying_bars WHERE underlying = $1 AND timeframe = $2"
+            "  AND bucket_time >= $3 AND bucket_time <= $4"
+            "  AND bucket_time > coalesce($5::timestamptz, '-infinity'::timestamptz)"
             "  ORDER BY bucket_time LIMIT $6) b",
             u, int(tf), start, end, after, limit)

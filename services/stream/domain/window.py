@@ -13,6 +13,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from services.common.domain.moneyness import atm_strike, moneyness_level
 from services.stream.domain.filters import StreamFilter
 from services.stream.domain.model import Bar, Leg, field_mask, project_bar
 
@@ -83,13 +84,21 @@ class DeltaUpdate:
 
 
 class Book:
-    """Latest complete bar per (expiry, strike) of one underlying and timeframe, with each expiry's ATM strike."""
+    """Latest complete bar per (expiry, strike) of one underlying and timeframe.
 
-    def __init__(self) -> None:
+    Same rules as QueryService's strike distribution: a strike is *listed* when its newest bar started within the
+    last ``carry_s`` seconds up to the book's bucket (all strikes when 0); an expiry's ATM is the listed strike
+    nearest the underlying price (ties to the lower); shown bars carry that ATM and their level relative to it.
+    ``step`` is the strike step, index points.
+    """
+
+    def __init__(self, step: float, carry_s: int = 0) -> None:
+        self.step = step
+        self.carry_s = carry_s
         self.bars: dict[str, dict[float, Bar]] = {}
         self.strikes: dict[str, list[float]] = {}
         self.atm: dict[str, float] = {}
-        self._atm_time: dict[str, int] = {}
+        self.listed: dict[str, list[float]] = {}
         self.bucket_time = 0
         self.underlying_price = 0.0
         #: Expiries whose snapshot was loaded (``""`` = the default nearest ones were asked for).
@@ -98,10 +107,6 @@ class Book:
         self.default_expiries: list[str] = []
         #: Projections of the current bars, per (expiry, strike) and indicator set, shared by groups.
         self._proj: dict[tuple[str, float], dict[tuple[int, ...], Bar]] = {}
-
-    def clear(self) -> None:
-        """Forget everything (after a resync)."""
-        self.__init__()  # type: ignore[misc]
 
     def _put(self, expiry: str, bar: Bar) -> bool:
         d = self.bars.get(expiry)
@@ -114,66 +119,83 @@ class Book:
         if held is None:
             bisect.insort(self.strikes[expiry], bar.strike)
         d[bar.strike] = bar
-        if bar.bucket_time >= self._atm_time.get(expiry, -1):
-            self.atm[expiry] = bar.atm_strike
-            self._atm_time[expiry] = bar.bucket_time
+        self._proj.pop((expiry, bar.strike), None)
         return True
+
+    def _relist(self) -> None:
+        """Recompute listed strikes and ATM per expiry; forget projections of expiries whose ATM moved."""
+        cut = self.bucket_time - self.carry_s if self.carry_s else None
+        for e, strikes in self.strikes.items():
+            bars = self.bars[e]
+            listed = strikes if cut is None else [s for s in strikes if bars[s].bucket_time > cut]
+            self.listed[e] = listed
+            atm = atm_strike(listed, self.underlying_price) if listed and self.underlying_price else 0.0
+            if atm != self.atm.get(e):
+                self.atm[e] = atm
+                for s in strikes:
+                    self._proj.pop((e, s), None)
 
     def project(self, expiry: str, strike: float, indicators: tuple[int, ...], mask: tuple[bool, ...],
                 full_mask: bool) -> Bar:
-        """The held bar of (expiry, strike) restricted to ``indicators`` (one shared object per indicator set)."""
+        """The bar of (expiry, strike) as shown: restricted to ``indicators``, with the expiry's current ATM and the
+        level relative to it (one shared object per indicator set until the bar or the ATM changes)."""
         d = self._proj.get((expiry, strike))
         if d is None:
             d = self._proj[(expiry, strike)] = {}
         b = d.get(indicators)
         if b is None:
-            b = d[indicators] = project_bar(self.bars[expiry][strike], mask, full_mask)
+            src = self.bars[expiry][strike]
+            atm = self.atm.get(expiry, 0.0)
+            level = moneyness_level(strike, atm, self.step) if atm else src.moneyness_level
+            if atm and (src.atm_strike != atm or src.moneyness_level != level):
+                src = Bar(src.strike, src.bucket_time, src.underlying_close, level, atm, src.call, src.put)
+            b = d[indicators] = project_bar(src, mask, full_mask)
         return b
 
     def apply(
         self, bars: Iterable[tuple[str, Bar]], bucket_time: int, underlying_price: float
-    ) -> dict[str, dict[float, dict[tuple[int, ...], Bar]]]:
-        """Apply complete bars of one BarUpdate; returns the strikes whose bar changed, per expiry, each with the
-        projections of its previous bar (by indicator set) for the groups' shared diffs.
+    ) -> dict[str, set[float]]:
+        """Apply complete bars of one BarUpdate; returns the strikes whose bar changed, per expiry.
 
         A bar older (by bucket) than the one held is ignored.
         """
-        touched: dict[str, dict[float, dict[tuple[int, ...], Bar]]] = {}
+        touched: dict[str, set[float]] = {}
         for expiry, bar in bars:
             if self._put(expiry, bar):
-                touched.setdefault(expiry, {})[bar.strike] = self._proj.pop((expiry, bar.strike), {})
+                touched.setdefault(expiry, set()).add(bar.strike)
         if bucket_time >= self.bucket_time:
             self.bucket_time = bucket_time
             if underlying_price:
                 self.underlying_price = underlying_price
+        self._relist()
         return touched
 
     def seed(self, dist: Distribution, asked: Iterable[str]) -> None:
         """Load a snapshot (bars not older than the held ones win) and mark ``asked`` expiries as seeded."""
         for e in dist.expiries:
             for bar in e.bars:
-                if self._put(e.expiry, bar):
-                    self._proj.pop((e.expiry, bar.strike), None)
-            if e.expiry not in self.atm or dist.bucket_time >= self._atm_time.get(e.expiry, -1):
-                self.atm[e.expiry] = e.atm_strike
+                self._put(e.expiry, bar)
+            self.bars.setdefault(e.expiry, {})
+            self.strikes.setdefault(e.expiry, [])
             self.seeded.add(e.expiry)
         if dist.bucket_time >= self.bucket_time:
             self.bucket_time = dist.bucket_time
             self.underlying_price = dist.underlying_price
         self.seeded.update(asked)
+        self._relist()
 
-    def window(self, expiry: str, flt: StreamFilter, step: float) -> list[float]:
-        """Strikes of ``expiry`` in the filter's window now, ascending (empty when the expiry has no data)."""
-        strikes = self.strikes.get(expiry)
+    def window(self, expiry: str, flt: StreamFilter) -> list[float]:
+        """Listed strikes of ``expiry`` in the filter's window now, ascending (empty when the expiry has none)."""
+        strikes = self.listed.get(expiry)
         if not strikes:
             return []
         if flt.explicit_range:
             lo, hi = flt.strike_min, flt.strike_max
         else:
             atm = self.atm.get(expiry)
-            if atm is None:
+            if not atm:
                 return []
-            lo, hi = atm - flt.strikes_around_atm * step, atm + flt.strikes_around_atm * step
+            lo, hi = atm - flt.strikes_around_atm * self.step, atm + flt.strikes_around_atm * self.step
         return strikes[bisect.bisect_left(strikes, lo - _EPS): bisect.bisect_right(strikes, hi + _EPS)]
 
 
@@ -216,14 +238,12 @@ def full_change(bar: Bar) -> StrikeChange:
 class GroupView:
     """What the subscribers of one filter hold: per expiry the projected bars of the window.
 
-    ``expiries`` is the resolved expiry list (the filter's, or the nearest ones from the first snapshot);
-    ``step`` is the underlying's strike step, index points.
+    ``expiries`` is the resolved expiry list (the filter's, or the nearest ones from the first snapshot).
     """
 
-    def __init__(self, flt: StreamFilter, expiries: list[str], step: float) -> None:
+    def __init__(self, flt: StreamFilter, expiries: list[str]) -> None:
         self.filter = flt
         self.expiries = expiries
-        self.step = step
         self.mask = field_mask(flt.indicators)
         self.full_mask = all(self.mask)
         self.held: dict[str, dict[float, Bar]] = {}
@@ -239,7 +259,7 @@ class GroupView:
         self.atm = {}
         self.windows = {}
         for e in self.expiries:
-            w = book.window(e, self.filter, self.step)
+            w = book.window(e, self.filter)
             self.windows[e] = w
             self.held[e] = {s: self._proj(book, e, s) for s in w}
             self.atm[e] = book.atm.get(e, 0.0)
@@ -252,12 +272,12 @@ class GroupView:
              for e in self.expiries],
         )
 
-    def apply(self, book: Book, touched: dict[str, dict[float, dict[tuple[int, ...], Bar]]],
-              cache: dict[tuple[str, float, tuple[int, ...], bool], StrikeChange | None] | None = None
+    def apply(self, book: Book, touched: dict[str, set[float]],
+              cache: dict[tuple[str, float, tuple[int, ...]], tuple[Bar, Bar, StrikeChange | None]] | None = None
               ) -> DeltaUpdate | None:
         """Advance the view after ``book`` took an update that changed ``touched`` strikes; None when the view is
         unchanged (then nothing is sent). ``cache`` (one dict per update, shared by the groups) reuses the change
-        of a strike computed for another group with the same indicators (same objects, encoded once)."""
+        of a strike computed for another group holding the same bar object (same objects, encoded once)."""
         if cache is None:
             cache = {}
         inds = self.filter.indicators
@@ -265,10 +285,11 @@ class GroupView:
         for e in self.expiries:
             t = touched.get(e)
             atm = book.atm.get(e, 0.0)
-            if not t and atm == self.atm.get(e, 0.0):
-                continue
+            moved = atm != self.atm.get(e, 0.0)
             old_w = self.windows.get(e, [])
-            new_w = book.window(e, self.filter, self.step)
+            new_w = book.window(e, self.filter)
+            if not t and not moved and new_w == old_w:
+                continue
             held = self.held.setdefault(e, {})
             ch = ExpiryChange(e, atm)
             if new_w != old_w:
@@ -277,37 +298,36 @@ class GroupView:
                     if s not in new_set:
                         ch.removed.add(s)
                         del held[s]
-                for s in new_w:
-                    if s not in held:
-                        b = self._proj(book, e, s)
-                        held[s] = b
-                        key = (e, s, inds, True)
-                        c = cache.get(key)
-                        if c is None:
-                            c = cache[key] = full_change(b)
-                        ch.bars[s] = c
-                self.windows[e] = new_w
-            if t:
-                for s in new_w:
-                    prev = t.get(s)
-                    if prev is None or s in ch.bars:
-                        continue
-                    old = held[s]
+            for s in new_w:
+                old = held.get(s)
+                if old is None:
                     b = self._proj(book, e, s)
-                    if prev.get(inds) is old:
-                        key = (e, s, inds, False)
-                        if key in cache:
-                            c = cache[key]
-                        else:
-                            c = cache[key] = diff_bar(old, b)
-                    else:
-                        c = diff_bar(old, b)
                     held[s] = b
-                    if c is not None:
-                        ch.bars[s] = c
-                        if c.full:
-                            ch.removed.add(s)
-            moved = atm != self.atm.get(e, 0.0)
+                    fkey = (e, -s - 1.0, inds)  # entering strikes: whole-bar changes, shared too
+                    hit = cache.get(fkey)
+                    if hit is None or hit[1] is not b:
+                        hit = cache[fkey] = (b, b, full_change(b))
+                    ch.bars[s] = hit[2]  # type: ignore[assignment]
+                    continue
+                if not moved and (t is None or s not in t):
+                    continue
+                b = self._proj(book, e, s)
+                if b is old:
+                    continue
+                key = (e, s, inds)
+                hit = cache.get(key)
+                if hit is not None and hit[0] is old and hit[1] is b:
+                    c = hit[2]
+                else:
+                    c = diff_bar(old, b)
+                    if hit is None:
+                        cache[key] = (old, b, c)
+                held[s] = b
+                if c is not None:
+                    ch.bars[s] = c
+                    if c.full:
+                        ch.removed.add(s)
+            self.windows[e] = new_w
             self.atm[e] = atm
             if ch.bars or ch.removed or moved:
                 changes.append(ch)

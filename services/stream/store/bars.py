@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
@@ -67,7 +68,7 @@ class BarConsumer:
                 pass
             self._task = None
 
-    async def _newest_id(self, r: aioredis.Redis) -> str:
+    async def _newest_id(self, r: Any) -> str:
         last = await r.xrevrange(self.key, count=1)
         return last[0][0].decode() if last else "0-0"
 
@@ -75,7 +76,7 @@ class BarConsumer:
         backoff = 0.1
         first = True
         while True:
-            r = aioredis.from_url(self.redis_url, socket_timeout=self.block_ms / 1000 + 10,
+            r: Any = aioredis.from_url(self.redis_url, socket_timeout=self.block_ms / 1000 + 10,
                                   socket_connect_timeout=2, health_check_interval=0)
             try:
                 self.last_id = await self._newest_id(r)

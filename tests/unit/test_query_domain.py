@@ -1,0 +1,120 @@
+"""Pure query logic: analytics formulas, expiry/strike selection, page tokens, request validation, cache parts."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from optmon.v1 import query_service_pb2 as q
+
+from services.common.errors import FieldViolations, NotFound
+from services.query.cache.core import Method, ResponseCache, stale_suffix
+from services.query.cache.generations import ALL, Generations
+from services.query.cache.l1 import Entry, L1Cache
+from services.query.domain import analytics, pagetoken
+from services.query.domain.requests import validate_bars, validate_distribution, validate_series
+from services.query.domain.selection import nearest_expiries, order_expiries, window
+
+STEPS = {"NIFTY": 50.0}
+
+
+def test_max_pain_pcr_iv_rank() -> None:
+    ks = [100.0, 110.0, 120.0]
+    # payout at 100: puts 4·10 + 1·20 = 60; at 110: calls 5·10 + put 1·10 = 60 (tie → lower); at 120: 100
+    assert analytics.max_pain(ks, [5, 0, 0], [0, 4, 1]) == 100.0
+    assert analytics.max_pain(ks, [0, 0, 0], [0, 0, 3]) == 120.0
+    assert analytics.pcr(30, 20) == 1.5 and analytics.pcr(3, 0) == 0.0
+    assert analytics.iv_rank(15, 10, 20) == 50.0 and analytics.iv_rank(15, 15, 15) == 0.0
+    assert analytics.iv_percentile(3, 4) == 75.0 and analytics.iv_percentile(0, 0) == 0.0
+    assert analytics.atm_iv(10.0, None) == 10.0 and analytics.atm_iv(10.0, 12.0) == 11.0
+    assert analytics.oi_change_percent(5, 0) is None and analytics.oi_change_percent(5, 50) == 10.0
+    with pytest.raises(ValueError):
+        analytics.max_pain([], [], [])
+
+
+def test_selection() -> None:
+    d = [date(2026, 8, 11), date(2026, 8, 18), date(2026, 8, 25), date(2026, 9, 1), date(2026, 9, 8)]
+    assert nearest_expiries(d, date(2026, 8, 18), 3) == d[1:4]
+    assert nearest_expiries(d, date(2026, 9, 5), 3) == [d[2], d[3], d[4]]
+    assert order_expiries(d, date(2026, 8, 20)) == [d[2], d[3], d[4], d[1], d[0]]
+    atm, win = window([100.0, 150.0, 200.0, 250.0, 300.0], 226.0, 50.0, 1)
+    assert atm == 250.0 and win == [(200.0, -1), (250.0, 0), (300.0, 1)]
+
+
+def test_page_token_roundtrip_and_malformed() -> None:
+    tok = pagetoken.PageToken(1_787_000_000_000_000, 1_787_100_000_000_000, pagetoken.fingerprint("NIFTY", 1))
+    assert pagetoken.decode(pagetoken.encode(tok)) == tok
+    for bad in ("", "abc", "!!!!", pagetoken.encode(tok)[:-2]):
+        with pytest.raises(ValueError):
+            pagetoken.decode(bad)
+
+
+def test_validation_collects_every_violation() -> None:
+    with pytest.raises(FieldViolations) as ei:
+        validate_distribution("NIFTY", 7, ["x"] * 7, 99, [3, 10], None, STEPS)
+    fields = {f for f, _ in ei.value.violations}
+    assert {"timeframe", "expiries", "expiries[0]", "strikes_around_atm", "indicators[1]"} <= fields
+    with pytest.raises(NotFound):
+        validate_distribution("SENSEX", 0, [], 0, [], None, STEPS)
+    qd = validate_distribution("nifty", 0, [], 0, [], None, STEPS)
+    assert qd.underlying == "NIFTY" and qd.n == 10 and len(qd.indicators) == 9 and qd.timeframe == 1
+    qs = validate_series("NIFTY", 0, [], 0, 0, 0, None, None, STEPS)
+    assert (qs.timeframe, qs.indicator, qs.side, qs.levels) == (2, 2, 1, 10)
+    now = datetime(2026, 8, 18, 10, tzinfo=UTC)
+    qb = validate_bars("NIFTY", 0, "", 0.0, 0, None, None, 0, None, now, STEPS)
+    assert qb.start == now - timedelta(days=1) and qb.page_size == 5000 and qb.expiry is None
+
+
+def test_stale_suffix_overrides_field() -> None:
+    for cls, field in ((q.GetStrikeDistributionResponse, 6), (q.GetMoneynessSeriesResponse, 8),
+                       (q.GetOptionChainResponse, 17)):
+        msg = cls(underlying="NIFTY")
+        out = cls.FromString(msg.SerializeToString() + stale_suffix(field))
+        assert out.stale and out.underlying == "NIFTY"
+
+
+def test_l1_bounds() -> None:
+    c = L1Cache(max_entries=3, max_bytes=100)
+    for i in range(5):
+        c.put(i, Entry(b"x" * 10, ("NIFTY", 1), (0, 0), 1e18))
+    assert len(c) == 3 and c.get(0) is None and c.get(4) is not None
+    c.put("big", Entry(b"x" * 95, ("NIFTY", 1), (0, 0), 1e18))
+    assert c.bytes <= 100 and c.get("big") is not None and len(c) == 1
+    c.put("huge", Entry(b"x" * 101, ("NIFTY", 1), (0, 0), 1e18))
+    assert c.get("huge") is None
+
+
+def test_generations() -> None:
+    g = Generations(["NIFTY", "BANKNIFTY"], None, 1.0)
+    t0 = g.token(("NIFTY", 1))
+    assert g.apply_update("NIFTY", 5, 1) and g.token(("NIFTY", 1)) != t0
+    assert g.token(("NIFTY", 2)) == t0  # 5M untouched by a 1M update
+    assert not g.apply_update("NIFTY", 4, 1)  # old
+    all0 = g.token((ALL, 0))
+    assert g.observe_seq("NIFTY", 7)  # newer than consumed: every timeframe bumped at once
+    assert g.token(("NIFTY", 2)) != t0 and g.token((ALL, 0)) != all0
+    e = g.epoch
+    assert g.observe_seq("NIFTY", 1) and g.epoch == e + 1  # Redis lost its state
+
+
+async def test_single_flight_one_computation_for_concurrent_misses() -> None:
+    calls = 0
+
+    async def compute(_: object) -> bytes:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return b"answer"
+
+    gens = Generations(["NIFTY"], None, 1.0)
+    cache = ResponseCache(L1Cache(10, 1000), None, gens, l1_ttl_s=60, l2_ttl_s=60, last_good_ttl_s=60,
+                          compress_threshold=10)
+    m = Method("M", lambda raw: (raw, ("NIFTY", 1)), compute)
+    out = await asyncio.gather(*[cache.serve(m, b"req") for _ in range(20)])
+    assert out == [b"answer"] * 20 and calls == 1
+    await cache.serve(m, b"req")
+    assert calls == 1  # L1
+    gens.apply_update("NIFTY", 1, 1)
+    await cache.serve(m, b"req")
+    assert calls == 2  # new generation
