@@ -368,7 +368,8 @@ class EnvoyProcess:
                 "--log-level", self.log_level, "--admin-address-path", str(admin_file),
                 "--log-path", str(self.root / "envoy.log"), "--file-flush-interval-msec", "200"]
         with (self.root / "access.log").open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=GATEWAY_DIR.parent)
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=GATEWAY_DIR.parent,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
