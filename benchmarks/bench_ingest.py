@@ -130,11 +130,12 @@ async def _pipeline(ctx: Any, dsn: str | None = None) -> Any:
     s = _settings(ctx)
     pool = await asyncpg.create_pool(dsn or ctx.pg_dsn, min_size=2, max_size=4)
     r = aioredis.from_url(ctx.redis_url)
+    p = Pipeline(s, pool, r, validator=Validator(s))
     try:
-        p = Pipeline(s, pool, r, validator=Validator(s))
         await p.start()
         yield p
     finally:
+        await p.close()
         await pool.close()
         await r.aclose()
 
@@ -167,15 +168,17 @@ async def _latency(ctx: Any, rate: float, duration_s: float) -> list[float]:
         nonlocal buffered
         t_next = time.perf_counter()
         end = t_next + duration_s
+        produced = 0
+        target = 0
         while t_next < end:
             out: list[market_pb2.TickBatch] = []
-            n = 0
-            while n < want:
+            target += want
+            while produced < target:  # cumulative target: the average rate is exactly ``rate``
                 if not buffered:
                     buffered = gen.next_second()
                 b = buffered.pop()
                 out.append(b)
-                n += len(b.option_ticks) + 1
+                produced += len(b.option_ticks) + 1
             queue.put_nowait((time.perf_counter(), out))
             t_next += per_tick
             await asyncio.sleep(max(0.0, t_next - time.perf_counter()))

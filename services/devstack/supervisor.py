@@ -492,13 +492,20 @@ class Stack:
         if self.children:
             results = await asyncio.gather(*(c.stop(self.cfg.stop_timeout_s) for c in self.children.values()))
             codes = dict(zip(self.children, results, strict=True))
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self.gateway is not None:
-            await asyncio.to_thread(self.gateway.stop)
-            (self.cfg.state_dir / "run" / "envoy.pid").unlink(missing_ok=True)
+            steps.append(("Envoy", self.gateway.stop))
         if self.redis is not None:
-            await asyncio.to_thread(self.redis.stop)
+            steps.append(("Redis", self.redis.stop))
         if self.pg is not None:
-            await asyncio.to_thread(self.pg.stop, "fast")
+            pg = self.pg
+            steps.append(("PostgreSQL", lambda: pg.stop("fast")))
+        for what, step in steps:  # one failing step must not leave the next server running
+            try:
+                await asyncio.to_thread(step)
+            except Exception as e:
+                self.out(f"stopping {what} failed: {type(e).__name__}: {e}")
+        (self.cfg.state_dir / "run" / "envoy.pid").unlink(missing_ok=True)
         return codes
 
     async def __aenter__(self) -> Stack:

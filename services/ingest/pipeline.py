@@ -4,8 +4,9 @@ bars in ONE PostgreSQL transaction per call → BarUpdate events on Redis after 
 Used by every input (Redis Streams consumer, PublishTicks, legacy pub/sub — ``services/ingest/inputs``) through
 :meth:`Pipeline.process`. Field definitions of the bars: ``services/ingest/domain/bars.py`` and ``docs/bars.md``.
 
-Concurrency: calls are serialized by an asyncio lock. One pipeline (one process) should own an underlying at a time:
-the in-order fast path trusts the per-contract state in memory (see ``docs/bars.md``).
+Concurrency: calls are serialized by an asyncio lock; across processes (replicas sharing the streams) writers of an
+underlying are serialized by a PostgreSQL advisory lock, and a process reloads its per-contract state when the
+``ingest_writers`` version shows that another process committed in between (see ``docs/bars.md``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ class Pipeline:
         self._expiry_text: dict[dt.date, str] = {}
         #: UTC day → [1M rows written since start, rows at the last ANALYZE] (see :meth:`_maybe_analyze`).
         self._day_rows: dict[int, list[int]] = {}
+        self._analyze_task: asyncio.Task[None] | None = None
+        #: Writer version of each underlying as of this process' last commit (table ingest_writers).
+        self._versions: dict[str, int] = {}
 
     # -- start-up / recovery -----------------------------------------------------------------------------------
 
@@ -118,6 +122,8 @@ class Pipeline:
         async with self._lock:
             try:
                 async with self._pool.acquire() as conn:
+                    # Versions first: a commit by another writer after this read makes the next call reload.
+                    versions = await store.load_versions(conn)
                     horizon = await store.latest_session_start(conn) or 0
                     closes = B.UnderlyingCloses()
                     for r in await store.load_underlying_closes(conn):
@@ -145,10 +151,18 @@ class Pipeline:
                     raise DatabaseUnavailable(f"PostgreSQL unreachable: {type(e).__name__}: {e}") from e
                 raise
             self._states, self._closes, self._listed, self._horizon_s = states, closes, listed, horizon
+            self._versions = versions
             self._known_days = {today, today + 1}
             log.info("ingest.pipeline.started", leg_states=len(states), horizon_s=horizon,
                      underlyings=len(closes.bars))
         await self.enforce_retention()
+
+    async def close(self) -> None:
+        """Wait for background work (a partition ANALYZE) to finish; call before closing the pool (the ingest server
+        does, on shutdown)."""
+        task, self._analyze_task = self._analyze_task, None
+        if task is not None:
+            await task
 
     async def enforce_retention(self) -> int:
         """Drop daily bar partitions older than ``ingest_retention_days`` before the newest data day (not the wall
@@ -242,7 +256,7 @@ class Pipeline:
                     first_receive[u] = recv_us
 
         # Pending copies of the in-memory state: applied only after the commit.
-        closes = self._closes.copy_for(builder.underlying.keys())
+        closes = self._closes.copy_for({k[0] for k in builder.legs} | set(builder.underlying))
         for u, ubars in builder.underlying.items():
             for b, a in ubars.items():
                 closes.merge(u, b, int(a[4]), a[5])
@@ -255,43 +269,38 @@ class Pipeline:
             for b in bks:
                 listed.observe(u, e, s, b)
 
-        rows: dict[tuple[str, str, float, int], list[B.LegBar | None]] = {}
-        new_states: dict[B.LegKey, B.LegState] = {}
-        late: set[tuple[str, str, float, int, str]] = set()  # (u, expiry, strike, bucket, side)
-        for key, bks in builder.legs.items():
-            leg_bars, st = B.derive_leg(bks, self._states.get(key), self._horizon_s)
-            if st is not None:
-                new_states[key] = st
-            u, e, s, is_call = key
-            i = 0 if is_call else 1
-            for b, lb in leg_bars.items():
-                slot = rows.get((u, e, s, b))
-                if slot is None:
-                    slot = rows[(u, e, s, b)] = [None, None]
-                slot[i] = lb
-                if lb.late:
-                    late.add((u, e, s, b, "ce" if is_call else "pe"))
-
-        arrays = self._bar_arrays(rows, closes, listed)
-        # (underlying, expiry, 1M bucket) whose index close or listed strikes may have changed: every bar of their
-        # buckets (all timeframes) is re-stamped when the underlying close / ATM differs from the committed state.
-        refresh_candidates = {(u, e, b) for (u, e, _s, b) in rows}
-        for u, ubars in builder.underlying.items():
-            expiries = listed.expiries(u)
-            for b in ubars:
-                sess = b // B.DAY_S
-                refresh_candidates.update((u, e, b) for e, d in expiries if d == sess)
+        touched = sorted({k[0] for k in builder.legs} | set(builder.underlying))
+        derived = self._derive(builder, self._states.get, closes, listed)
         uarrays = self._underlying_arrays(builder)
         new_days = builder.dates() - self._known_days
 
         changed: dict[Timeframe, list[Any]] = {tf: [] for tf in Timeframe}
+        prices = {u: closes.latest(u) for u in touched}
+        m1_rows: list[Any] = []
+        m1_updates: list[market_pb2.BarUpdate] = []
         late_state_rows: dict[B.LegKey, list[Any]] = {}
+        stale: list[str] = []
+        reloaded: dict[B.LegKey, B.LegState] = {}
+        new_versions: dict[str, int] = {}
         t0 = time.perf_counter()
         try:
             async with self._pool.acquire() as conn:
                 if new_days:
                     await store.ensure_partitions(conn, _day_to_date(min(new_days)), _day_to_date(max(new_days)))
                 async with conn.transaction():
+                    # Serialize writers per underlying (replicas share the streams) and detect another writer.
+                    versions = await store.lock_underlyings(conn, touched)
+                    stale = [u for u in touched if versions[u] != self._versions.get(u, 0)]
+                    if stale:
+                        reloaded = await self._reload(conn, stale, builder, closes, listed)
+                        stale_set = set(stale)
+
+                        def state_of(k: B.LegKey) -> B.LegState | None:
+                            return reloaded.get(k) if k[0] in stale_set else self._states.get(k)
+
+                        derived = self._derive(builder, state_of, closes, listed)
+                        log.info("ingest.state_reloaded", underlyings=stale, legs=len(reloaded))
+                    _rows, new_states, late, arrays, refresh_candidates = derived
                     if uarrays[0]:
                         await store.upsert_underlying(conn, uarrays)
                         for tf in ROLLUPS:
@@ -301,16 +310,18 @@ class Pipeline:
                     changed[Timeframe.M1] = list(await store.upsert_1m(conn, arrays))
                     if late:
                         await self._recompute_late(conn, late, changed, late_state_rows)
-                    src = changed[Timeframe.M1]
-                    for tf in ROLLUPS:
-                        if not src:
-                            break
-                        src = changed[tf] = list(await store.rollup(conn, tf, self._rollup_groups(src, tf, closes,
-                                                                                                   listed)))
-                    for tf in Timeframe:
-                        groups = self._refresh_groups(tf, refresh_candidates, closes, listed)
-                        if groups[0]:
-                            changed[tf].extend(await store.refresh_moneyness(conn, tf, groups))
+                    m1_rows = list(changed[Timeframe.M1])
+                    prices = {u: closes.latest(u) for u in touched}  # after a possible reload of closes
+                    # PostgreSQL computes the rollups while this coroutine builds the 1M BarUpdates (it yields to
+                    # the event loop every few hundred bars, so the next statement goes out without waiting).
+                    db = asyncio.ensure_future(self._rollups(conn, changed, closes, listed, refresh_candidates,
+                                                             touched))
+                    try:
+                        m1_updates = await events.build_updates_async(
+                            {Timeframe.M1: m1_rows}, first_tick_us=builder.first_tick_us,
+                            first_receive_us=first_receive, underlying_price=prices) if m1_rows else []
+                    finally:
+                        new_versions = await db
             commit_time = dt.datetime.now(dt.UTC)
         except Exception as e:
             if store.is_unavailable(e):
@@ -321,6 +332,9 @@ class Pipeline:
         self._known_days |= new_days
 
         # Committed: apply the in-memory state.
+        self._versions.update(new_versions)
+        if stale:
+            self._states.update(reloaded)
         self._states.update(new_states)
         for key, state_rows in late_state_rows.items():
             self._states[key] = _state_from_rows(state_rows)
@@ -340,10 +354,15 @@ class Pipeline:
             if rws:
                 metrics.BARS_WRITTEN.labels(tf.label).inc(len(rws))
 
-        updates = events.build_updates(
-            {tf: rws for tf, rws in changed.items() if rws}, commit_time=commit_time,
-            first_tick_us=builder.first_tick_us, first_receive_us=first_receive,
-            underlying_price={u: closes.latest(u) for u in {r["underlying"] for r in changed[Timeframe.M1]}})
+        if len(changed[Timeframe.M1]) != len(m1_rows):  # the moneyness re-stamp changed 1M rows too: rebuild
+            m1_updates = events.build_updates({Timeframe.M1: changed[Timeframe.M1]}, commit_time=commit_time,
+                                              first_tick_us=builder.first_tick_us, first_receive_us=first_receive,
+                                              underlying_price=prices)
+        else:
+            events.set_commit_time(m1_updates, commit_time)
+        updates = m1_updates + events.build_updates(
+            {tf: rws for tf, rws in changed.items() if rws and tf != Timeframe.M1}, commit_time=commit_time,
+            first_tick_us=builder.first_tick_us, first_receive_us=first_receive, underlying_price=prices)
         result.bar_updates = len(updates)
         self._pending_events.extend(updates)
         if len(self._pending_events) > _MAX_PENDING_EVENTS:
@@ -374,13 +393,17 @@ class Pipeline:
         for d, n in counts.items():
             st = self._day_rows.setdefault(d, [0, 0])
             st[0] += n
-            if st[0] >= 500 and st[0] >= 2 * st[1]:
+            if st[0] >= 500 and st[0] >= 2 * st[1] and (self._analyze_task is None or self._analyze_task.done()):
                 st[1] = st[0]
-                try:
-                    async with self._pool.acquire() as conn:
-                        await store.analyze_day(conn, _day_to_date(d))
-                except Exception as e:
-                    log.warning("ingest.analyze_failed", error=f"{type(e).__name__}: {e}")
+                # In the background, on its own connection: ANALYZE does not block writes, nor this call.
+                self._analyze_task = asyncio.create_task(self._analyze(_day_to_date(d)))
+
+    async def _analyze(self, day: dt.date) -> None:
+        try:
+            async with self._pool.acquire() as conn:
+                await store.analyze_day(conn, day)
+        except Exception as e:  # best effort
+            log.warning("ingest.analyze_failed", error=f"{type(e).__name__}: {e}")
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -453,6 +476,86 @@ class Pipeline:
             builder.add_option(t.underlying, t.expiry, t.strike, t.option_type == _CALL, ts_us, t.ltp, t.volume,
                                t.oi, val(t, "iv", iv, i), val(t, "delta", delta, i), val(t, "gamma", gamma, i),
                                val(t, "theta", theta, i), val(t, "vega", vega, i))
+
+    async def _rollups(self, conn: asyncpg.Connection, changed: dict[Timeframe, list[Any]],
+                       closes: B.UnderlyingCloses, listed: B.ListedStrikes,
+                       refresh_candidates: set[tuple[str, str, int]], touched: list[str]) -> dict[str, int]:
+        """In the call's transaction: 5M from the changed 1M rows, 15M from 5M, 1H from 15M, the moneyness re-stamp
+        of every timeframe, and the writer-version bump (returned). Appends the changed rows to ``changed``."""
+        src = changed[Timeframe.M1]
+        for tf in ROLLUPS:
+            if not src:
+                break
+            src = changed[tf] = list(await store.rollup(conn, tf, self._rollup_groups(src, tf, closes, listed)))
+        for tf in Timeframe:
+            groups = self._refresh_groups(tf, refresh_candidates, closes, listed)
+            if groups[0]:
+                changed[tf].extend(await store.refresh_moneyness(conn, tf, groups))
+        return await store.bump_versions(conn, touched) if touched else {}
+
+    def _derive(self, builder: B.BarBuilder, state_of: Any, closes: B.UnderlyingCloses,
+                listed: B.ListedStrikes) -> tuple[dict[tuple[str, str, float, int], list[B.LegBar | None]],
+                                                  dict[B.LegKey, B.LegState], set[tuple[str, str, float, int, str]],
+                                                  list[list[Any]], set[tuple[str, str, int]]]:
+        """Leg bars of the call from the per-leg states (``state_of(key)``): (rows by (u, expiry, strike, bucket),
+        new states, late legs (u, expiry, strike, bucket, side), 1M upsert arrays, moneyness refresh candidates)."""
+        rows: dict[tuple[str, str, float, int], list[B.LegBar | None]] = {}
+        new_states: dict[B.LegKey, B.LegState] = {}
+        late: set[tuple[str, str, float, int, str]] = set()
+        for key, bks in builder.legs.items():
+            leg_bars, st = B.derive_leg(bks, state_of(key), self._horizon_s)
+            if st is not None:
+                new_states[key] = st
+            u, e, s, is_call = key
+            i = 0 if is_call else 1
+            for b, lb in leg_bars.items():
+                slot = rows.get((u, e, s, b))
+                if slot is None:
+                    slot = rows[(u, e, s, b)] = [None, None]
+                slot[i] = lb
+                if lb.late:
+                    late.add((u, e, s, b, "ce" if is_call else "pe"))
+        arrays = self._bar_arrays(rows, closes, listed)
+        # (underlying, expiry, 1M bucket) whose index close or listed strikes may have changed: every bar of their
+        # buckets (all timeframes) is re-stamped when the underlying close / ATM differs from the committed state.
+        refresh_candidates = {(u, e, b) for (u, e, _s, b) in rows}
+        for u, ubars in builder.underlying.items():
+            expiries = listed.expiries(u)
+            for b in ubars:
+                sess = b // B.DAY_S
+                refresh_candidates.update((u, e, b) for e, d in expiries if d == sess)
+        return rows, new_states, late, arrays, refresh_candidates
+
+    async def _reload(self, conn: asyncpg.Connection, stale: list[str], builder: B.BarBuilder,
+                      closes: B.UnderlyingCloses, listed: B.ListedStrikes) -> dict[B.LegKey, B.LegState]:
+        """Another writer committed for ``stale`` underlyings since this process' last commit: reload the states of
+        the legs this call touches, and merge that writer's index closes and listed strikes into the pending
+        ``closes`` / ``listed`` (which are this call's private copies)."""
+        days = builder.dates()
+        since = (min(days) - 1) * B.DAY_S if days else 0
+        since = min(since, self._horizon_s - B.DAY_S) if self._horizon_s else since
+        stale_set = set(stale)
+        out: dict[B.LegKey, B.LegState] = {}
+        legs = sorted({(u, e, s) for (u, e, s, _c) in builder.legs if u in stale_set})
+        for side in store.SIDES:
+            is_call = side == "ce"
+            recs = await store.load_leg_states_for(conn, side, legs, max(since, 0)) if legs else []
+            for r in sorted(recs, key=lambda r: -int(r["rn"])):
+                key = (r["underlying"], r["expiry"], float(r["strike"]), is_call)
+                st = B.LegState(int(r["bucket_s"]), int(r["close_us"]), int(r["oi"] or 0), int(r["day_volume"] or 0))
+                prev = out.get(key)
+                if prev is not None:
+                    st.prior_bucket, st.prior_oi, st.prior_day_volume = prev.bucket, prev.oi, prev.day_volume
+                out[key] = st
+        for u in stale:
+            for r in await store.load_underlying_closes_for(conn, u, max(since, 0)):
+                closes.merge(u, int(r["bucket_s"]), int(r["close_us"]), float(r["close"]))
+            recs = await store.load_listed_strikes_for(conn, u, max(since, 0))
+            for k in {(u, r["expiry"], int(r["first_s"]) // B.DAY_S) for r in recs}:
+                listed.first[k] = dict(listed.first.get(k, {}))  # private copy before observing
+            for r in recs:
+                listed.observe(u, r["expiry"], float(r["strike"]), int(r["first_s"]))
+        return out
 
     def _bar_arrays(self, rows: dict[tuple[str, str, float, int], list[B.LegBar | None]],
                     closes: B.UnderlyingCloses, listed: B.ListedStrikes) -> list[list[Any]]:

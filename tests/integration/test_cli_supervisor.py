@@ -169,6 +169,6 @@ async def test_an_unreachable_existing_database_is_a_clear_error(tmp_root: Path,
     dsn = f"postgresql://optmon:secret@127.0.0.1:{free_port()}/optmon"
     cfg = StackConfig(state_dir=tmp_root / f"nodb-{uuid.uuid4().hex[:8]}", ports=_ports(), pg_dsn=dsn,
                       redis_url=redis_url, gateway=False)
-    with pytest.raises(StackError, match="migrations failed on 127.0.0.1") as err:
+    with pytest.raises(StackError, match=r"migrations failed on 127\.0\.0\.1") as err:
         await Stack(cfg).start()
     assert "secret" not in str(err.value)

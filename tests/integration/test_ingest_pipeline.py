@@ -31,7 +31,8 @@ MINUTES = 12
 async def _truncate(pg_dsn: str) -> None:
     conn = await asyncpg.connect(pg_dsn)
     try:
-        await conn.execute("TRUNCATE bars_1m, bars_5m, bars_15m, bars_1h, bars_latest, underlying_bars")
+        await conn.execute("TRUNCATE bars_1m, bars_5m, bars_15m, bars_1h, bars_latest, underlying_bars, "
+                           "ingest_writers")
     finally:
         await conn.close()
 
@@ -83,6 +84,20 @@ async def test_out_of_order_and_restart_equal_in_order(pg_dsn: str, redis_url: s
         await run_batches(p, batches[:5], per_call=2)
     async with pipeline(pg_dsn, redis_url) as (p, _pool, _r):
         await run_batches(p, batches[5:], per_call=3)
+    assert await dump(pg_dsn) == reference
+
+
+async def test_two_replicas_alternating_equal_one_process(pg_dsn: str, redis_url: str,
+                                                          batches: list[market_pb2.TickBatch]) -> None:
+    """Replicas of a consumer group get entries of the same stream in turn: each detects the other's commits
+    (ingest_writers version under an advisory lock) and reloads the touched legs' state before deriving bars."""
+    async with pipeline(pg_dsn, redis_url) as (p, _pool, _r):
+        await run_batches(p, batches, per_call=1)
+    reference = await dump(pg_dsn)
+    await _truncate(pg_dsn)
+    async with pipeline(pg_dsn, redis_url) as (a, _pa, _ra), pipeline(pg_dsn, redis_url) as (b, _pb, _rb):
+        for i, batch in enumerate(batches):
+            await (a if i % 3 else b).process([(batch, "stream")])
     assert await dump(pg_dsn) == reference
 
 
@@ -197,3 +212,32 @@ async def test_retention_drops_partitions_older_than_newest_data(pg_dsn: str, re
         assert "bars_1m_20260701" not in names and "bars_1m_20260818" in names
     finally:
         await conn.close()
+
+
+async def test_rejects_are_counted_dead_lettered_and_not_written(pg_dsn: str, redis_url: str) -> None:
+    from prometheus_client import REGISTRY
+
+    t = utc("2026-08-18 11:00")
+    batch = market_pb2.TickBatch()
+    batch.underlying_ticks.add(underlying="NIFTY", price=24200.0).exchange_time.FromDatetime(t)
+    good = batch.option_ticks.add(underlying="NIFTY", expiry="2026-08-25", strike=24200.0,
+                                  option_type=market_pb2.OPTION_TYPE_CALL, ltp=150.0, volume=5, oi=10, iv=12.0,
+                                  delta=0.5, gamma=0.001, theta=-5.0, vega=10.0)
+    good.exchange_time.FromDatetime(t)
+    bad = batch.option_ticks.add()
+    bad.CopyFrom(good)
+    bad.strike, bad.ltp = 24250.0, -1.0
+    before = REGISTRY.get_sample_value("optmon_ingest_rejected_total", {"reason": "NON_POSITIVE_LTP"}) or 0.0
+    async with pipeline(pg_dsn, redis_url, validator=True) as (p, pool, r):
+        res = await p.process([(batch, "stream:optmon:ticks:NIFTY:1786941000000-0")])
+        assert (res.accepted, res.rejected, res.bar_updates) == (2, {"NON_POSITIVE_LTP": 1}, 4)
+        dead = await r.xrange("optmon:deadletter")
+        assert len(dead) == 1 and dead[0][1][b"reason"] == b"NON_POSITIVE_LTP"
+        async with pool.acquire() as conn:
+            assert [r["strike"] for r in await conn.fetch("SELECT strike FROM bars_1m")] == [24200.0]
+        upd = market_pb2.BarUpdate()
+        upd.ParseFromString((await r.xrange(bars_key("NIFTY")))[0][1][b"pb"])
+        # first_receive_time comes from the stream entry id (ms since epoch).
+        assert upd.first_receive_time.ToMilliseconds() == 1786941000000
+    after = REGISTRY.get_sample_value("optmon_ingest_rejected_total", {"reason": "NON_POSITIVE_LTP"})
+    assert after == before + 1

@@ -50,11 +50,12 @@ async def pipeline(pg_dsn: str, redis_url: str, *, validator: bool = False, dsn:
         from services.ingest.domain.validation import Validator
 
         v = Validator(s)
+    p = Pipeline(s, pool, r, validator=v)
     try:
-        p = Pipeline(s, pool, r, validator=v)
         await p.start()
         yield p, pool, r
     finally:
+        await p.close()
         pool.terminate()
         await r.aclose()
 

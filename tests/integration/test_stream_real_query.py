@@ -61,13 +61,15 @@ async def test_reconstruction_against_real_query(pg_dsn: str, redis_url: str, ni
         calls = [sstub.Subscribe(r) for r in reqs]
         first_bucket = int((FIRST + timedelta(minutes=19)).timestamp())
         for c, call, req in zip(clients, calls, reqs, strict=True):
-            c.apply(await call.read())
+            async with asyncio.timeout(20):
+                c.apply(await call.read())
             assert c.kinds == ["snapshot"]
             assert c.distribution() == await _latest(qstub, req, first_bucket)
 
         # five more minutes: "commit" them to PostgreSQL, then publish each minute's bars as a BarUpdate
         conn = await asyncpg.connect(pg_dsn)
-        await conn.execute("TRUNCATE bars_1m, bars_5m, bars_latest, underlying_bars")
+        for table in ("bars_1m", "bars_5m", "bars_latest", "underlying_bars"):  # DELETE: no lock on readers
+            await conn.execute(f"DELETE FROM {table}")
         await conn.close()
         await load_nifty_day(pg_dsn, nifty_1min_csv, minutes=25)
         last = 0

@@ -110,13 +110,17 @@ def expected(stack: Stack, req: stream_service_pb2.SubscribeRequest, expiries: l
     return d
 
 
+def last_delta(r: Reader) -> stream_service_pb2.SubscribeResponse:
+    return next(m for m in reversed(r.msgs) if m.WhichOneof("kind") == "delta")
+
+
 def last_bt(stack: Stack) -> int:
     return T0 + 60 * (stack.minute - 1)
 
 
 async def test_filter_exactness(stack: Stack) -> None:
     req = stream_service_pb2.SubscribeRequest(underlying=U, expiries=["2026-08-25"], strikes_around_atm=2,
-                                              indicators=[7, 2], max_updates_per_second=20)
+                                              indicators=[7, 2], max_updates_per_second=20)  # type: ignore[list-item]
     r = Reader(stack, req)
     await r.wait_for(lambda r: r.msgs)
     snap = r.msgs[0]
@@ -129,8 +133,8 @@ async def test_filter_exactness(stack: Stack) -> None:
         assert {f.name for f, _ in b.put.ListFields()} == {"iv", "oi"}
     await stack.publish_minute(24212.0)
     await r.wait_bucket(last_bt(stack))
-    delta = r.msgs[-1]
-    assert delta.WhichOneof("kind") == "delta" and delta.sequence == 2
+    delta = last_delta(r)
+    assert delta.sequence == 2
     assert [e.expiry for e in delta.delta.expiries] == ["2026-08-25"]
     for e in delta.delta.expiries:
         for b in e.bars:
@@ -150,7 +154,7 @@ async def test_window_follows_atm(stack: Stack) -> None:
         24050.0, 24100.0, 24150.0, 24200.0, 24250.0, 24300.0, 24350.0]
     await stack.publish_minute(24310.0)  # ATM 24200 → 24300
     await r.wait_bucket(last_bt(stack))
-    d = r.msgs[-1].delta
+    d = last_delta(r).delta
     for e in d.expiries:
         assert e.atm_strike == 24300.0
         assert sorted(e.removed_strikes) == [24050.0, 24100.0]
@@ -166,8 +170,8 @@ async def test_reconstruction_default_filter_and_range(stack: Stack) -> None:
     reqs = [
         stream_service_pb2.SubscribeRequest(underlying=U, max_updates_per_second=20),
         stream_service_pb2.SubscribeRequest(underlying=U, expiries=[EXPIRIES[2]], strike_min=24000,
-                                            strike_max=24400, indicators=[1, 8, 9]),
-        stream_service_pb2.SubscribeRequest(underlying=U, strikes_around_atm=5, indicators=[3, 4, 5, 6],
+                                            strike_max=24400, indicators=[1, 8, 9]),  # type: ignore[list-item]
+        stream_service_pb2.SubscribeRequest(underlying=U, strikes_around_atm=5, indicators=[3, 4, 5, 6],  # type: ignore[list-item]
                                             max_updates_per_second=0.5),
     ]
     readers = [Reader(stack, q) for q in reqs]
@@ -248,7 +252,7 @@ async def test_one_encoding_per_update_for_many_subscribers(stack: Stack) -> Non
 
 
 async def test_invalid_filter_error_message_then_status(stack: Stack) -> None:
-    req = stream_service_pb2.SubscribeRequest(underlying=U, strikes_around_atm=80, indicators=[42],
+    req = stream_service_pb2.SubscribeRequest(underlying=U, strikes_around_atm=80, indicators=[42],  # type: ignore[list-item]
                                               max_updates_per_second=100)
     call = stack.stub_client.Subscribe(req)
     msgs = []

@@ -5,6 +5,7 @@ sequence from ``INCRBY optmon:seq:<U>`` (strictly increasing by 1 per update).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
@@ -106,34 +107,76 @@ def strike_bar(row: Sequence[Any], tf: Timeframe) -> market_pb2.StrikeBar:
     return b
 
 
-def build_updates(changed: Mapping[Timeframe, Iterable[Sequence[Any]]], *, commit_time: dt.datetime,
-                  first_tick_us: Mapping[str, int], first_receive_us: Mapping[str, int],
-                  underlying_price: Mapping[str, float | None]) -> list[market_pb2.BarUpdate]:
-    """One BarUpdate (without sequence) per (underlying, timeframe) that has changed rows (columns of
-    ``BAR_COLUMNS`` in order), bars sorted by (bucket_time, expiry, strike). Rows of the same bar appearing twice
-    keep the last one. ``first_*_us`` are epoch µs per underlying."""
-    out: list[market_pb2.BarUpdate] = []
-    commit_ts = _ts(commit_time)
+def _plan(changed: Mapping[Timeframe, Iterable[Sequence[Any]]]) -> list[tuple[Timeframe, str, list[tuple[Any, ...]]]]:
+    """(timeframe, underlying, rows sorted by (bucket_time, expiry, strike), last version of each bar)."""
+    out = []
     for tf in sorted(changed):
-        per_u: dict[str, dict[tuple[Any, ...], Sequence[Any]]] = {}
+        per_u: dict[str, dict[tuple[Any, ...], tuple[Any, ...]]] = {}
         for row in changed[tf]:
             v = tuple(row)
             per_u.setdefault(v[0], {})[(v[3], v[1], v[2])] = v
         for u in sorted(per_u):
             d = per_u[u]
-            rows = [d[k] for k in sorted(d)]
-            upd = market_pb2.BarUpdate(
-                underlying=u, timeframe=cast(Any, int(tf)), bucket_time=_ts(rows[-1][3]),
-                underlying_price=underlying_price.get(u) or 0.0, commit_time=commit_ts)
-            add = upd.bars.add
-            for bar in rows:
-                _fill_bar(add(), bar, int(tf))
-            if u in first_tick_us:
-                upd.first_tick_time.CopyFrom(_ts_us(first_tick_us[u]))
-            if u in first_receive_us:
-                upd.first_receive_time.CopyFrom(_ts_us(first_receive_us[u]))
-            out.append(upd)
+            out.append((tf, u, [d[k] for k in sorted(d)]))
     return out
+
+
+def _header(tf: Timeframe, u: str, rows: list[tuple[Any, ...]], commit_time: dt.datetime | None,
+            first_tick_us: Mapping[str, int], first_receive_us: Mapping[str, int],
+            underlying_price: Mapping[str, float | None]) -> market_pb2.BarUpdate:
+    upd = market_pb2.BarUpdate(underlying=u, timeframe=cast(Any, int(tf)), bucket_time=_ts(rows[-1][3]),
+                               underlying_price=underlying_price.get(u) or 0.0)
+    if commit_time is not None:
+        upd.commit_time.CopyFrom(_ts(commit_time))
+    if u in first_tick_us:
+        upd.first_tick_time.CopyFrom(_ts_us(first_tick_us[u]))
+    if u in first_receive_us:
+        upd.first_receive_time.CopyFrom(_ts_us(first_receive_us[u]))
+    return upd
+
+
+def build_updates(changed: Mapping[Timeframe, Iterable[Sequence[Any]]], *, commit_time: dt.datetime | None,
+                  first_tick_us: Mapping[str, int], first_receive_us: Mapping[str, int],
+                  underlying_price: Mapping[str, float | None]) -> list[market_pb2.BarUpdate]:
+    """One BarUpdate (without sequence) per (underlying, timeframe) that has changed rows (columns of
+    ``BAR_COLUMNS`` in order), bars sorted by (bucket_time, expiry, strike). Rows of the same bar appearing twice
+    keep the last one. ``first_*_us`` are epoch µs per underlying. ``commit_time`` None: set it later
+    (:func:`set_commit_time`)."""
+    out: list[market_pb2.BarUpdate] = []
+    for tf, u, rows in _plan(changed):
+        upd = _header(tf, u, rows, commit_time, first_tick_us, first_receive_us, underlying_price)
+        add = upd.bars.add
+        for bar in rows:
+            _fill_bar(add(), bar, int(tf))
+        out.append(upd)
+    return out
+
+
+async def build_updates_async(changed: Mapping[Timeframe, Iterable[Sequence[Any]]], *,
+                              first_tick_us: Mapping[str, int], first_receive_us: Mapping[str, int],
+                              underlying_price: Mapping[str, float | None],
+                              yield_every: int = 256) -> list[market_pb2.BarUpdate]:
+    """:func:`build_updates` (without commit time) that yields to the event loop every ``yield_every`` bars, so
+    that queries of the same call keep PostgreSQL busy meanwhile."""
+    out: list[market_pb2.BarUpdate] = []
+    n = 0
+    for tf, u, rows in _plan(changed):
+        upd = _header(tf, u, rows, None, first_tick_us, first_receive_us, underlying_price)
+        add = upd.bars.add
+        for bar in rows:
+            _fill_bar(add(), bar, int(tf))
+            n += 1
+            if n % yield_every == 0:
+                await asyncio.sleep(0)
+        out.append(upd)
+    return out
+
+
+def set_commit_time(updates: Iterable[market_pb2.BarUpdate], commit_time: dt.datetime) -> None:
+    """Stamp ``commit_time`` on updates built before the commit."""
+    ts = _ts(commit_time)
+    for upd in updates:
+        upd.commit_time.CopyFrom(ts)
 
 
 async def publish(redis: aioredis.Redis, updates: Sequence[market_pb2.BarUpdate], maxlen: int = 10_000) -> None:

@@ -423,3 +423,64 @@ async def refresh_moneyness(conn: asyncpg.Connection, tf: Timeframe,
     if not groups or not groups[0]:
         return []
     return await conn.fetch(REFRESH_SQL[tf], *groups)
+
+
+async def lock_underlyings(conn: asyncpg.Connection, underlyings: Sequence[str]) -> dict[str, int]:
+    """Inside a transaction: take the per-underlying advisory locks (in name order, so writers never deadlock) and
+    return the current writer version of each underlying (0 when never written)."""
+    await conn.execute(
+        "SELECT count(pg_advisory_xact_lock(hashtext('optmon.ingest.' || u))) "
+        "FROM (SELECT u FROM unnest($1::text[]) AS u ORDER BY u) x", list(underlyings))
+    rows = await conn.fetch("SELECT underlying, version FROM ingest_writers WHERE underlying = ANY($1::text[])",
+                            list(underlyings))
+    out = dict.fromkeys(underlyings, 0)
+    out.update({r["underlying"]: int(r["version"]) for r in rows})
+    return out
+
+
+async def bump_versions(conn: asyncpg.Connection, underlyings: Sequence[str]) -> dict[str, int]:
+    """Increment the writer version of each underlying (inside the commit's transaction); returns the new ones."""
+    rows = await conn.fetch(
+        "INSERT INTO ingest_writers AS w (underlying, version) SELECT u, 1 FROM unnest($1::text[]) AS u "
+        "ON CONFLICT (underlying) DO UPDATE SET version = w.version + 1, updated_at = now() "
+        "RETURNING underlying, version", list(underlyings))
+    return {r["underlying"]: int(r["version"]) for r in rows}
+
+
+async def load_versions(conn: asyncpg.Connection) -> dict[str, int]:
+    """Writer version of every underlying."""
+    rows = await conn.fetch("SELECT underlying, version FROM ingest_writers")
+    return {r["underlying"]: int(r["version"]) for r in rows}
+
+
+async def load_leg_states_for(conn: asyncpg.Connection, side: str, legs: Sequence[Sequence[Any]],
+                              since_s: int) -> list[asyncpg.Record]:
+    """The two newest 1-minute bars with data for ``side`` since ``since_s`` of the given legs (3 arrays:
+    underlying, expiry text, strike), newest first: (underlying, expiry, strike, rn, bucket_s, close_us, oi,
+    day_volume). One primary-key backward scan per leg."""
+    assert side in SIDES
+    return await conn.fetch(
+        f"SELECT k.u AS underlying, k.e AS expiry, k.s AS strike, x.* FROM unnest($1::text[], $2::text[], "
+        f"$3::float8[]) AS k(u, e, s) CROSS JOIN LATERAL (SELECT row_number() OVER (ORDER BY m.bucket_time DESC) "
+        f"AS rn, extract(epoch FROM m.bucket_time)::int8 AS bucket_s, "
+        f"(extract(epoch FROM m.{side}_close_time) * 1000000)::int8 AS close_us, m.{side}_oi AS oi, "
+        f"m.{side}_day_volume AS day_volume FROM bars_1m m WHERE m.underlying = k.u AND m.expiry = k.e::date "
+        f"AND m.strike = k.s AND m.bucket_time >= to_timestamp($4) AND m.{side}_close_time IS NOT NULL "
+        f"ORDER BY m.underlying, m.expiry, m.strike, m.bucket_time DESC LIMIT 2) x",
+        [k[0] for k in legs], [k[1] for k in legs], [k[2] for k in legs], since_s)
+
+
+async def load_underlying_closes_for(conn: asyncpg.Connection, underlying: str, since_s: int) -> list[asyncpg.Record]:
+    """1-minute underlying bars (bucket_s, close_us, close) of one underlying since ``since_s``."""
+    return await conn.fetch(
+        "SELECT extract(epoch FROM bucket_time)::int8 AS bucket_s, "
+        "(extract(epoch FROM close_time) * 1000000)::int8 AS close_us, close FROM underlying_bars "
+        "WHERE timeframe = 1 AND underlying = $1 AND bucket_time >= to_timestamp($2)", underlying, since_s)
+
+
+async def load_listed_strikes_for(conn: asyncpg.Connection, underlying: str, since_s: int) -> list[asyncpg.Record]:
+    """First 1-minute bucket of every (expiry, strike, UTC day) of one underlying since ``since_s``."""
+    return await conn.fetch(
+        "SELECT expiry::text AS expiry, strike, min(extract(epoch FROM bucket_time))::int8 AS first_s FROM bars_1m "
+        "WHERE underlying = $1 AND bucket_time >= to_timestamp($2) "
+        "GROUP BY expiry, strike, date_trunc('day', bucket_time AT TIME ZONE 'UTC')", underlying, since_s)
