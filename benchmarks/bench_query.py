@@ -239,8 +239,8 @@ async def run(ctx: Any) -> list[Result]:
             async def bars_all(i: int) -> int:
                 token, n = "", 0
                 while True:
-                    r = q.ListBarsRequest(underlying="NIFTY", expiry="2026-08-25", strike=24200, option_type=1,
-                                          page_token=token)
+                    r = q.ListBarsRequest(underlying="NIFTY", expiry="2026-08-25", strike=24200,
+                                          option_type=market_pb2.OPTION_TYPE_CALL, page_token=token)
                     r.start_time.FromDatetime(datetime(2026, 8, 18, tzinfo=UTC) - timedelta(days=days + 40))
                     r.end_time.FromDatetime(datetime(2026, 8, 19, tzinfo=UTC) + timedelta(microseconds=i))
                     resp = q.ListBarsResponse.FromString(await ch.unary_unary(LB)(r.SerializeToString()))
@@ -318,7 +318,7 @@ async def _hit_ratio(addr: str, redis_url: str, mport: int, clients: int = 200, 
         nonlocal seq
         while time.perf_counter() < stop:
             seq += 1
-            upd = market_pb2.BarUpdate(underlying="NIFTY", sequence=seq, timeframe=1)
+            upd = market_pb2.BarUpdate(underlying="NIFTY", sequence=seq, timeframe=market_pb2.TIMEFRAME_1M)
             await r.xadd("optmon:bars:NIFTY", {"pb": upd.SerializeToString()})
             await r.set("optmon:seq:NIFTY", seq)
             await asyncio.sleep(1)

@@ -43,7 +43,9 @@ def _kustomize(overlay: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
-def overlay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, list[dict[str, Any]]]:
+def overlay(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, list[dict[str, Any]]]:
     name = request.param
     docs = _kustomize(name)
     path = tmp_path_factory.mktemp("k8s") / f"{name}.yaml"
@@ -140,7 +142,9 @@ def test_security_context_everywhere(overlay: tuple[str, Path, list[dict[str, An
             assert "limits" in c["resources"] and "requests" in c["resources"]
 
 
-def test_gateway_config_is_the_one_in_gateway_dir(overlay: tuple[str, Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+def test_gateway_config_is_the_one_in_gateway_dir(
+    overlay: tuple[str, Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
     _, _, docs = overlay
     cm = _configmap_env(docs, "gateway-envoy")
     source = (ROOT / "gateway" / "envoy.k8s.yaml").read_text()

@@ -89,7 +89,7 @@ def bars_1m_frame(df: pd.DataFrame) -> pd.DataFrame:
 def _records(frame: pd.DataFrame) -> list[tuple[object, ...]]:
     out = []
     for row in frame.itertuples(index=False, name=None):
-        rec = []
+        rec: list[object] = []
         for v in row:
             if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT:
                 rec.append(None)

@@ -32,7 +32,7 @@ def moneyness_level(strike: float, atm: float, strike_step: float) -> int:
     """(strike − atm) / strike_step rounded to the nearest integer (exact for strikes on the grid)."""
     if strike_step <= 0:
         raise ValueError("strike_step must be > 0")
-    return int(round((strike - atm) / strike_step))
+    return round((strike - atm) / strike_step)
 
 
 def moneyness_label(level: int, is_call: bool) -> str:
