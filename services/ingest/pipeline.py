@@ -458,6 +458,9 @@ class Pipeline:
         r, q = self._settings.iv_rate, self._settings.iv_dividend_yield
         iv, delta, gamma, theta, vega = G.compute_iv_and_greeks(ltp, spot, strike, t_years, is_call, r, q,
                                                                  futures=fut)
+        # A computed IV above the validation bound (500 %) is stored as NULL: on expiry afternoons T → 0 makes the
+        # solver's exact answer (up to ~4,800 % on 18 Aug 2026) meaningless for charts. The Greeks are kept.
+        iv = np.where(iv > 500.0, np.nan, iv)
         has_iv = ~np.isnan(given_iv)
         if has_iv.any():  # Greeks from the feed's IV where it gave one
             g = G.greeks(spot, strike, t_years, given_iv / 100.0, is_call, r, q, futures=fut)
