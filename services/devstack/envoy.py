@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from string import Template
 
+from services.devstack.redis import terminate
+
 #: The repository's gateway folder (template, descriptor, dashboard files).
 GATEWAY_DIR = Path(__file__).resolve().parents[2] / "gateway"
 #: Where the Kubernetes rendering expects its files (volumes of deploy/k8s/base/gateway.yaml): the descriptor set
@@ -410,13 +412,7 @@ class EnvoyProcess:
 
     def stop(self) -> None:
         """SIGTERM Envoy and wait (SIGKILL after 10 s)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
 

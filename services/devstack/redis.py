@@ -19,6 +19,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` and wait up to ``timeout`` s, then SIGKILL and reap it (no-op when it already exited)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
     """Block until ``host:port`` accepts TCP connections; TimeoutError otherwise."""
     deadline = time.monotonic() + timeout
@@ -80,13 +92,8 @@ class RedisServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Terminate (SIGTERM) and wait."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """Terminate (SIGTERM) and wait (SIGKILL after 10 s)."""
+        terminate(self.proc)
         self.proc = None
 
     def kill(self) -> None:
