@@ -2,12 +2,15 @@
 (default 30: the day's bars shifted back by k days, same expiries, LTP scaled slightly), against the predecessor's
 read path rebuilt on the same data (``benchmarks/baseline_predecessor``), measured in the same run.
 
-* ``query.strike_distribution.cached.grpc.p50_ms`` / ``.p99_ms`` (1 in-flight request) and ``.rps`` (32 in flight)
-  — a grpc.aio load client against ``python -m services.query`` in its own process. Baseline: the predecessor's
-  best design (Redis hit + json.loads + FastAPI re-encoding), figures quoted from STYLE.md (not rebuilt here).
+* ``query.strike_distribution.cached.grpc.p50_ms`` / ``.p99_ms`` (1 in-flight request) and ``.rps`` (h2load,
+  4 connections × 16 streams; the grpc.aio client's 32-in-flight figure is in the note) against
+  ``python -m services.query`` in its own process.
 * ``query.strike_distribution.cached.gateway.p50_ms`` / ``.p99_ms`` — wrk through Envoy, 1 connection (the
   16-connection figures and rps are in the note: on 2 shared cores Envoy's JSON transcoding of the ≈ 33 KB body
   dominates).
+* Baseline of the cached figures: the predecessor's best design (Redis GET + json.loads + FastAPI re-encoding, uvicorn
+  1 worker, ``baseline_predecessor.cached_api``) serving optmon's own answer (``MessageToDict`` JSON), measured by wrk
+  in the same run: 1 connection for the p50/p99 baselines, 16 connections for the rps baseline.
 * ``query.strike_distribution.uncached.p50_ms`` — the compute path (PostgreSQL → proto bytes) vs the predecessor's
   enriched JOIN view + MAX CTE + JSON (baseline measured here).
 * ``query.moneyness_series.uncached.p50_ms`` — 6 h, 3 expiries, 21 levels, 5M, vs Python-side classification.
@@ -22,6 +25,7 @@ history length (default 30).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -36,12 +40,13 @@ from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf import json_format
 from optmon.v1 import market_pb2
 from optmon.v1 import query_service_pb2 as q
 
 from benchmarks import baseline_predecessor as pred
 from benchmarks.harness import Result, median, percentile
-from services.devstack.redis import free_port, wait_port
+from services.devstack.redis import free_port, terminate, wait_port
 
 NIFTY_DAY = ("nifty-oc-1min-2026-08", "nifty_oc_1min_2026-08-18.csv.gz")
 SD_PATH = "/v1/underlyings/NIFTY/strike-distribution"
@@ -137,6 +142,37 @@ def _wrk(url: str, seconds: int = 5, connections: int = 16) -> tuple[float, floa
     return float(m50.group(1)) * sc[m50.group(2)], float(m99.group(1)) * sc[m99.group(2)], float(rps.group(1))
 
 
+def _pred_cached(redis_url: str, sd: bytes) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """wrk (p50 ms, p99 ms, rps) at 1 and at 16 connections, 5 s each, against the predecessor's cached API serving
+    the strike distribution ``sd`` (GetStrikeDistributionResponse bytes) put into Redis as JSON; None without wrk.
+    Blocking (run it in a thread)."""
+    import redis
+
+    from benchmarks.baseline_predecessor import cached_api
+
+    if not shutil.which("wrk"):
+        return None
+    doc = json_format.MessageToDict(q.GetStrikeDistributionResponse.FromString(sd))
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(cached_api.KEY.format(underlying="NIFTY"), json.dumps(doc))
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.baseline_predecessor.cached_api", "--port", str(port),
+                             "--redis-url", redis_url], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, 30)
+        url = f"http://127.0.0.1:{port}/api/strike-distribution?underlying=NIFTY"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # fails the benchmark unless it serves the document
+            if json.loads(resp.read()) != doc:
+                raise RuntimeError("predecessor cached API served a different document")
+        _wrk(url, 1, 16)  # warm-up
+        w1 = _wrk(url, 5, 1)
+        w16 = _wrk(url, 5, 16)
+    finally:
+        terminate(proc)
+    return (w1, w16) if w1 is not None and w16 is not None else None
+
+
 def _h2load_grpc(addr: str, method: str, payload: bytes, work: Path, seconds: int = 5) -> tuple[float, int] | None:
     """rps and succeeded count of h2load posting a gRPC frame (4 connections × 16 streams) for ``seconds``."""
     exe = shutil.which("h2load")
@@ -213,27 +249,30 @@ async def run(ctx: Any) -> list[Result]:
         sd_req = q.GetStrikeDistributionRequest(underlying="NIFTY").SerializeToString()
         async with grpc.aio.insecure_channel(addr) as ch:
             call = ch.unary_unary(SD)
-            await call(sd_req)
+            pc = await asyncio.to_thread(_pred_cached, ctx.redis_url, await call(sd_req))
+            b1, b16 = pc if pc is not None else (None, None)
+            pred_note = (f"baseline predecessor cached API (FastAPI, uvicorn 1 worker), wrk 5 s: 1 conn p50 "
+                         f"{b1[0]:.2f} ms, p99 {b1[1]:.2f} ms; 16 conns p50 {b16[0]:.2f} ms, p99 {b16[1]:.2f} ms, "
+                         f"{b16[2]:.0f} rps" if b1 is not None and b16 is not None else "no baseline (wrk missing)")
             lat, _ = await _load(addr, SD, sd_req, 1, 3.0, channels=1)
             out.append(Result("query.strike_distribution.cached.grpc.p50_ms", percentile(lat, 50), "ms",
-                              baseline=9.5, goal="≤ 1 ms",
-                              note="grpc.aio client, 1 in flight, 3 s; baseline = predecessor's cached p50 "
-                                   "(STYLE.md, at 16 connections)"))
+                              baseline=b1[0] if b1 else None, goal="≤ 1 ms",
+                              note=f"grpc.aio client, 1 in flight, 3 s; {pred_note}"))
             out.append(Result("query.strike_distribution.cached.grpc.p99_ms", percentile(lat, 99), "ms",
                               goal="≤ 5 ms", note="grpc.aio client, 1 in flight, 3 s"))
             lat, rps = await _load(addr, SD, sd_req, 32, 5.0)
             h2 = await asyncio.to_thread(_h2load_grpc, addr, SD, sd_req, Path(ctx.work_dir))
             if h2 is not None:
-                out.append(Result("query.strike_distribution.cached.grpc.rps", h2[0], "1/s", baseline=1600.0,
-                                  goal="≥ 3,000 rps",
+                out.append(Result("query.strike_distribution.cached.grpc.rps", h2[0], "1/s",
+                                  baseline=b16[2] if b16 else None, goal="≥ 3,000 rps",
                                   note=f"h2load gRPC, 4 conns × 16 streams, 5 s, {h2[1]} ok; grpc.aio Python client "
                                        f"(32 in flight) reached {rps:.0f} rps, p50 {percentile(lat, 50):.2f} ms; "
-                                       "baseline predecessor ≈1.6k rps (STYLE.md)"))
+                                       f"{pred_note}"))
             else:
-                out.append(Result("query.strike_distribution.cached.grpc.rps", rps, "1/s", baseline=1600.0,
-                                  goal="≥ 3,000 rps",
+                out.append(Result("query.strike_distribution.cached.grpc.rps", rps, "1/s",
+                                  baseline=b16[2] if b16 else None, goal="≥ 3,000 rps",
                                   note=f"grpc.aio client (Python, same 2 cores), 32 in flight; p50 "
-                                       f"{percentile(lat, 50):.2f} ms; baseline predecessor ≈1.6k rps (STYLE.md)"))
+                                       f"{percentile(lat, 50):.2f} ms; {pred_note}"))
 
             # ListBars over 30 days, one contract, all pages; end varies per run so the cache never answers
             async def bars_all(i: int) -> int:
@@ -275,11 +314,13 @@ async def run(ctx: Any) -> list[Result]:
                 env.stop()
             if w1 is not None and w16 is not None:
                 at16 = f"at 16 connections: p50 {w16[0]:.2f} ms, p99 {w16[1]:.2f} ms, {w16[2]:.0f} rps"
-                out.append(Result("query.strike_distribution.cached.gateway.p50_ms", w1[0], "ms", baseline=9.5,
-                                  goal="≤ 2 ms", note=f"wrk 1 connection, 5 s, through Envoy (2 workers, JSON ≈ 33 KB"
-                                                      f"); {at16}; baseline predecessor p50 at 16 connections"))
-                out.append(Result("query.strike_distribution.cached.gateway.p99_ms", w1[1], "ms", goal="≤ 10 ms",
-                                  note=f"wrk 1 connection, 5 s; {at16}"))
+                out.append(Result("query.strike_distribution.cached.gateway.p50_ms", w1[0], "ms",
+                                  baseline=b1[0] if b1 else None, goal="≤ 2 ms",
+                                  note=f"wrk 1 connection, 5 s, through Envoy (2 workers, JSON ≈ 33 KB); {at16}; "
+                                       f"{pred_note}"))
+                out.append(Result("query.strike_distribution.cached.gateway.p99_ms", w1[1], "ms",
+                                  baseline=b1[1] if b1 else None, goal="≤ 10 ms",
+                                  note=f"wrk 1 connection, 5 s; {at16}; {pred_note}"))
 
         out.append(await _hit_ratio(addr, ctx.redis_url, mport))
     finally:

@@ -84,23 +84,29 @@ def _latest_cte(tf: Timeframe, src: str) -> str:
     )
 
 
+#: Per-side arguments of the 1M upsert: (name, SQL array type).
+_SIDE_ARRAYS = (("open_us", "int8[]"), ("open", "float8[]"), ("high", "float8[]"), ("low", "float8[]"),
+                ("close_us", "int8[]"), ("close", "float8[]"), ("iv", "float8[]"), ("delta", "float8[]"),
+                ("gamma", "float8[]"), ("theta", "float8[]"), ("vega", "float8[]"), ("oi", "int8[]"),
+                ("day_volume", "int8[]"), ("volume", "int8[]"), ("oi_change", "int8[]"))
+
+
+def _upsert_1m_arg_types() -> list[str]:
+    """SQL array types of the 37 arguments of the 1M upsert, in order."""
+    return ["text[]", "text[]", "float8[]", "int8[]", "float8[]", "float8[]", "int4[]",
+            *[t for _s in SIDES for _n, t in _SIDE_ARRAYS]]
+
+
 def _upsert_1m_sql() -> str:
     """The 1M merge-upsert: $1..$7 = underlying, expiry (text), strike, bucket (epoch s), underlying_close,
     atm_strike, moneyness_level; then per side (ce, pe) 15 arrays: open_us, open, high, low, close_us, close, iv,
     delta, gamma, theta, vega, oi (the layout of a ``domain.bars`` leg aggregate), day_volume, volume, oi_change."""
-    arr_types = ["text[]", "text[]", "float8[]", "int8[]", "float8[]", "float8[]", "int4[]"]
-    names = ["u", "e", "s", "b", "uc", "atm", "lvl"]
-    side_arrays = [("open_us", "int8[]"), ("open", "float8[]"), ("high", "float8[]"), ("low", "float8[]"),
-                   ("close_us", "int8[]"), ("close", "float8[]"), ("iv", "float8[]"), ("delta", "float8[]"),
-                   ("gamma", "float8[]"), ("theta", "float8[]"), ("vega", "float8[]"), ("oi", "int8[]"),
-                   ("day_volume", "int8[]"), ("volume", "int8[]"), ("oi_change", "int8[]")]
-    for s in SIDES:
-        for n, t in side_arrays:
-            names.append(f"{s}_{n}")
-            arr_types.append(t)
-    # Arrays travel as text literals (see :func:`pg_array`): PostgreSQL parses them in C, much cheaper than
-    # asyncpg's per-element binary encoding of ~37 × rows Python objects.
-    params = ", ".join(f"${i + 1}::text::{t}" for i, t in enumerate(arr_types))
+    arr_types = _upsert_1m_arg_types()
+    names = ["u", "e", "s", "b", "uc", "atm", "lvl"] + [f"{s}_{n}" for s in SIDES for n, _t in _SIDE_ARRAYS]
+    # float8 arrays travel in asyncpg's binary format (exact IEEE doubles, ~2.5x cheaper than formatting and parsing
+    # their decimal text); text, date and integer arrays as text literals (see :func:`pg_array`), where PostgreSQL's
+    # parser is as cheap as asyncpg's per-element encoding.
+    params = ", ".join(f"${i + 1}::{t}" if t == "float8[]" else f"${i + 1}::text::{t}" for i, t in enumerate(arr_types))
     select = ["n.u", "n.e::date", "n.s", "to_timestamp(n.b)", "n.uc", "n.atm", "n.lvl"]
     for s in SIDES:
         for f in LEG_FIELDS:
@@ -253,6 +259,8 @@ _UNDERLYING_ROLLUP_SQL = (
 )
 
 UPSERT_1M_SQL = _upsert_1m_sql()
+#: Positions of the float8[] arguments of :data:`UPSERT_1M_SQL` (passed as lists, binary-encoded by asyncpg).
+_UPSERT_1M_FLOAT_ARGS = frozenset(i for i, t in enumerate(_upsert_1m_arg_types()) if t == "float8[]")
 ROLLUP_SQL = {Timeframe.M5: _rollup_sql(Timeframe.M5, Timeframe.M1),
               Timeframe.M15: _rollup_sql(Timeframe.M15, Timeframe.M5),
               Timeframe.H1: _rollup_sql(Timeframe.H1, Timeframe.M15)}
@@ -275,7 +283,8 @@ async def upsert_1m(conn: asyncpg.Connection, arrays: Sequence[Sequence[Any]]) -
     (columns :data:`BAR_COLUMNS`)."""
     if not arrays or not arrays[0]:
         return []
-    return await conn.fetch(UPSERT_1M_SQL, *[pg_array(a, i < 2) for i, a in enumerate(arrays)])
+    return await conn.fetch(UPSERT_1M_SQL, *[a if i in _UPSERT_1M_FLOAT_ARGS else pg_array(a, i < 2)
+                                            for i, a in enumerate(arrays)])
 
 
 async def rollup(conn: asyncpg.Connection, tf: Timeframe, groups: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
@@ -425,9 +434,17 @@ async def refresh_moneyness(conn: asyncpg.Connection, tf: Timeframe,
     return await conn.fetch(REFRESH_SQL[tf], *groups)
 
 
+_TX_SETTINGS_SQL = "SET LOCAL jit = off; SET LOCAL work_mem = '32MB'"
+
+
 async def lock_underlyings(conn: asyncpg.Connection, underlyings: Sequence[str]) -> dict[str, int]:
-    """Inside a transaction: take the per-underlying advisory locks (in name order, so writers never deadlock) and
+    """Inside a transaction: set the transaction's planner settings (JIT off, work_mem), take the per-underlying
+    advisory locks (in name order, so writers never deadlock) and
     return the current writer version of each underlying (0 when never written)."""
+    # Planner settings for this transaction only (they change plans and speed, never results): no JIT — compiling
+    # the rollup statements costs ~60 ms per call, more than they run — and sorts (the DISTINCT ON of the
+    # bars_latest upserts) in memory rather than spilled to disk.
+    await conn.execute(_TX_SETTINGS_SQL)
     await conn.execute(
         "SELECT count(pg_advisory_xact_lock(hashtext('optmon.ingest.' || u))) "
         "FROM (SELECT u FROM unnest($1::text[]) AS u ORDER BY u) x", list(underlyings))
