@@ -142,10 +142,11 @@ def _wrk(url: str, seconds: int = 5, connections: int = 16) -> tuple[float, floa
     return float(m50.group(1)) * sc[m50.group(2)], float(m99.group(1)) * sc[m99.group(2)], float(rps.group(1))
 
 
-def _pred_cached(redis_url: str, sd: bytes) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
-    """wrk (p50 ms, p99 ms, rps) at 1 and at 16 connections, 5 s each, against the predecessor's cached API serving
-    the strike distribution ``sd`` (GetStrikeDistributionResponse bytes) put into Redis as JSON; None without wrk.
-    Blocking (run it in a thread)."""
+def _pred_cached(redis_url: str, sd: bytes) -> tuple[tuple[float, float, float], tuple[float, float, float], int] \
+        | None:
+    """wrk (p50 ms, p99 ms, rps) at 1 and at 16 connections, 5 s each, and the body size (bytes) of the predecessor's
+    cached API serving the strike distribution ``sd`` (GetStrikeDistributionResponse bytes) put into Redis as JSON;
+    None without wrk. Blocking (run it in a thread)."""
     import redis
 
     from benchmarks.baseline_predecessor import cached_api
@@ -163,14 +164,15 @@ def _pred_cached(redis_url: str, sd: bytes) -> tuple[tuple[float, float, float],
         wait_port(port, 30)
         url = f"http://127.0.0.1:{port}/api/strike-distribution?underlying=NIFTY"
         with urllib.request.urlopen(url, timeout=5) as resp:  # fails the benchmark unless it serves the document
-            if json.loads(resp.read()) != doc:
+            body = resp.read()
+            if json.loads(body) != doc:
                 raise RuntimeError("predecessor cached API served a different document")
         _wrk(url, 1, 16)  # warm-up
         w1 = _wrk(url, 5, 1)
         w16 = _wrk(url, 5, 16)
     finally:
         terminate(proc)
-    return (w1, w16) if w1 is not None and w16 is not None else None
+    return (w1, w16, len(body)) if w1 is not None and w16 is not None else None
 
 
 def _h2load_grpc(addr: str, method: str, payload: bytes, work: Path, seconds: int = 5) -> tuple[float, int] | None:
@@ -250,8 +252,9 @@ async def run(ctx: Any) -> list[Result]:
         async with grpc.aio.insecure_channel(addr) as ch:
             call = ch.unary_unary(SD)
             pc = await asyncio.to_thread(_pred_cached, ctx.redis_url, await call(sd_req))
-            b1, b16 = pc if pc is not None else (None, None)
-            pred_note = (f"baseline predecessor cached API (FastAPI, uvicorn 1 worker), wrk 5 s: 1 conn p50 "
+            b1, b16, nbody = pc if pc is not None else (None, None, 0)
+            pred_note = (f"baseline predecessor cached API (FastAPI, uvicorn 1 worker, JSON {nbody / 1024:.0f} KiB), "
+                         f"wrk 5 s: 1 conn p50 "
                          f"{b1[0]:.2f} ms, p99 {b1[1]:.2f} ms; 16 conns p50 {b16[0]:.2f} ms, p99 {b16[1]:.2f} ms, "
                          f"{b16[2]:.0f} rps" if b1 is not None and b16 is not None else "no baseline (wrk missing)")
             lat, _ = await _load(addr, SD, sd_req, 1, 3.0, channels=1)

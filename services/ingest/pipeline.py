@@ -564,19 +564,35 @@ class Pipeline:
                     closes: B.UnderlyingCloses, listed: B.ListedStrikes) -> list[list[Any]]:
         """Column arrays of the 1M upsert (see ``store.pg._upsert_1m_sql``): rows built as lists, then transposed."""
         atm_memo: dict[tuple[str, str, int], tuple[float | None, float | None]] = {}
+        #: (strike, ATM, step) → moneyness level (a pure function of the three; most rows share a few ATMs).
+        lvl_memo: dict[tuple[float, float | None, float | None], int | None] = {}
         steps = self._steps
         none15 = [None] * 15
         out: list[list[Any]] = []
+        append = out.append
         for (u, e, s, b), (ce, pe) in rows.items():
             m = atm_memo.get((u, e, b))
             if m is None:
                 uc = closes.price_at(u, b)
                 m = atm_memo[(u, e, b)] = (uc, listed.atm(u, e, b, uc))
             step = steps.get(u)
-            row = [u, e, s, b, m[0], m[1], B.moneyness(s, m[1], step) if step else None]
-            row += none15 if ce is None else [*ce.agg[:12], ce.day_volume, ce.volume, ce.oi_change]
-            row += none15 if pe is None else [*pe.agg[:12], pe.day_volume, pe.volume, pe.oi_change]
-            out.append(row)
+            lk = (s, m[1], step)
+            if lk in lvl_memo:
+                lvl = lvl_memo[lk]
+            else:
+                lvl = lvl_memo[lk] = B.moneyness(s, m[1], step) if step else None
+            row = [u, e, s, b, m[0], m[1], lvl]
+            if ce is None:
+                row += none15
+            else:
+                row += ce.agg[:12]
+                row += (ce.day_volume, ce.volume, ce.oi_change)
+            if pe is None:
+                row += none15
+            else:
+                row += pe.agg[:12]
+                row += (pe.day_volume, pe.volume, pe.oi_change)
+            append(row)
         if not out:
             return [[] for _ in range(37)]
         return [list(c) for c in zip(*out, strict=True)]
