@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 from optmon.v1 import market_pb2, query_service_pb2, stream_service_pb2
 
+from services.common.wire import varint
 from services.stream.domain.model import LEG_FIELDS, Bar, Leg
 from services.stream.domain.window import DeltaUpdate, Distribution, ExpiryBars, StrikeChange
 
@@ -163,15 +164,15 @@ def _change_pb(c: StrikeChange, bucket_time: int, price: float) -> market_pb2.St
 
 def _ld(field: int, data: bytes) -> bytes:
     """A length-delimited field (wire type 2)."""
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
+    return varint(field << 3 | 2) + varint(len(data)) + data
 
 
 def _ts_bytes(seconds: int, nanos: int = 0) -> bytes:
     out = b""
     if seconds:
-        out += b"\x08" + _varint(seconds)
+        out += b"\x08" + varint(seconds)
     if nanos:
-        out += b"\x10" + _varint(nanos)
+        out += b"\x10" + varint(nanos)
     return out
 
 
@@ -207,25 +208,15 @@ def delta_body(delta: DeltaUpdate, shared: bool = True) -> bytes:
             ep.append(_ld(4, struct.pack(f"<{len(rs)}d", *rs)))
         parts.append(_ld(3, b"".join(ep)))
     if delta.conflated:
-        parts.append(b"\x20" + _varint(delta.conflated))
+        parts.append(b"\x20" + varint(delta.conflated))
     return _ld(2, _now_bytes()) + _ld(4, b"".join(parts))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def sequence_prefix(seq: int) -> bytes:
     """The encoded ``sequence`` field (number 1, varint) to put before a shared body; empty for 0."""
-    return b"\x08" + _varint(seq) if seq > 0 else b""
+    return b"\x08" + varint(seq) if seq > 0 else b""
 
 
 def heartbeat_message(seq: int) -> bytes:

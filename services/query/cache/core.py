@@ -23,6 +23,7 @@ import lz4.frame
 import structlog
 
 from services.common.errors import Unavailable
+from services.common.wire import varint
 from services.query.cache import metrics
 from services.query.cache.generations import Generations
 from services.query.cache.l1 import Entry, L1Cache
@@ -36,17 +37,7 @@ _RAW, _LZ4 = b"\x00", b"\x01"
 
 def stale_suffix(field_number: int) -> bytes:
     """Wire bytes of ``bool <field_number> = true`` (appended to a serialized message it overrides the field)."""
-    tag = field_number << 3
-    out = bytearray()
-    while True:
-        b = tag & 0x7F
-        tag >>= 7
-        if tag:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            break
-    return bytes(out) + b"\x01"
+    return varint(field_number << 3) + b"\x01"
 
 
 @dataclass(frozen=True)
