@@ -439,8 +439,8 @@ _TX_SETTINGS_SQL = "SET LOCAL jit = off; SET LOCAL work_mem = '32MB'"
 
 async def lock_underlyings(conn: asyncpg.Connection, underlyings: Sequence[str]) -> dict[str, int]:
     """Inside a transaction: set the transaction's planner settings (JIT off, work_mem), take the per-underlying
-    advisory locks (in name order, so writers never deadlock) and
-    return the current writer version of each underlying (0 when never written)."""
+    advisory locks (in name order, so writers never deadlock) and return the current writer version of each
+    underlying (0 when never written)."""
     # Planner settings for this transaction only (they change plans and speed, never results): no JIT — compiling
     # the rollup statements costs ~60 ms per call, more than they run — and sorts (the DISTINCT ON of the
     # bars_latest upserts) in memory rather than spilled to disk.
