@@ -6,6 +6,7 @@ value."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,7 +34,7 @@ async def _latest(qstub: query_service_pb2_grpc.QueryServiceStub, req: stream_se
                                                        indicators=req.indicators)
     async with asyncio.timeout(20):
         while True:  # the query's cache follows the BarUpdates it consumes: wait until it shows the last bucket
-            resp = await qstub.GetStrikeDistribution(q)
+            resp = await qstub.GetStrikeDistribution(q, timeout=20)
             if resp.bucket_time.seconds >= want_bucket:
                 return resp
             await asyncio.sleep(0.05)
@@ -51,7 +52,8 @@ async def test_reconstruction_against_real_query(pg_dsn: str, redis_url: str, ni
     pub = BarPublisher(redis_url, None)
     calls = []
     try:
-        expiries = list((await qstub.ListExpiries(query_service_pb2.ListExpiriesRequest(underlying=U))).expiries)
+        expiries = list((await qstub.ListExpiries(query_service_pb2.ListExpiriesRequest(underlying=U),
+                                                  timeout=20)).expiries)
         reqs = [
             stream_service_pb2.SubscribeRequest(underlying=U, strikes_around_atm=10, max_updates_per_second=20),
             stream_service_pb2.SubscribeRequest(underlying=U, expiries=[expiries[1]], strikes_around_atm=3,
@@ -77,7 +79,7 @@ async def test_reconstruction_against_real_query(pg_dsn: str, redis_url: str, ni
             ts = Timestamp()
             ts.FromDatetime(FIRST + timedelta(minutes=k))
             snap = await qstub.GetStrikeDistribution(query_service_pb2.GetStrikeDistributionRequest(
-                underlying=U, expiries=expiries, strikes_around_atm=50, as_of_time=ts))
+                underlying=U, expiries=expiries, strikes_around_atm=50, as_of_time=ts), timeout=20)
             last = snap.bucket_time.seconds
             await pub.publish(U, 1, last, snap.underlying_price, [b for e in snap.expiries for b in e.bars])
 
@@ -90,9 +92,8 @@ async def test_reconstruction_against_real_query(pg_dsn: str, redis_url: str, ni
     finally:
         for call in calls:
             call.cancel()
-        await pub.close()
-        await sch.close()
-        await qch.close()
-        await server.stream_close()  # type: ignore[attr-defined]
-        await server.stop(None)
-        await stop_query_server(qserver)
+        # Every clean-up step is bounded: a slow one must not hang the suite (the assertions above are the test).
+        for step in (pub.close(), sch.close(), qch.close(), server.stream_close(),  # type: ignore[attr-defined]
+                     server.stop(None), stop_query_server(qserver)):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(step, 20)

@@ -172,7 +172,14 @@ class ResponseCache:
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
 
-    async def drain(self) -> None:
-        """Wait for background L2 writes (tests, shutdown)."""
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait for background L2 writes (tests, shutdown), at most ``timeout_s``; cancel what is left after it."""
+        deadline = time.monotonic() + timeout_s
         while self._bg:
-            await asyncio.gather(*list(self._bg), return_exceptions=True)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for t in list(self._bg):
+                    t.cancel()
+                await asyncio.gather(*list(self._bg), return_exceptions=True)
+                return
+            await asyncio.wait(list(self._bg), timeout=left)
