@@ -100,8 +100,8 @@ async def test_kill9_mid_replay_restart_equals_uninterrupted(pg_dsn: str, redis_
         acked_at_term, _ = await group_state(r, KEY)
         # The SIGTERMed consumer leaves nothing of its own pending. (Entries of the kill -9ed one may still be
         # pending if they had not been idle long enough to reclaim; the third run must finish them.)
-        own = f"{socket.gethostname()}-{second.pid}"
-        mine = [c for c in await r.xinfo_consumers(KEY, "ingest") if _name(c) == own]
+        own = f"{socket.gethostname()}-{second.pid}-"
+        mine = [c for c in await r.xinfo_consumers(KEY, "ingest") if _name(c).startswith(own)]
         assert mine and int(mine[0]["pending"]) == 0, "SIGTERM left entries pending"
         assert acked_at_term < len(batches), "the replay finished before the SIGTERM"
         # 3. restart and finish

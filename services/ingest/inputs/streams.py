@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -49,9 +50,9 @@ def tick_stream_key(underlying: str) -> str:
 
 
 def default_consumer_name() -> str:
-    """``<hostname>-<pid>``: unique per process, so a restarted process never mistakes a dead one's entries for its
-    own in-flight ones."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``<hostname>-<pid>-<6 hex>``: unique per consumer instance (also when one process runs several, as tests do),
+    so a restarted process never mistakes a dead one's entries for its own in-flight ones."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _s(v: Any) -> str:
