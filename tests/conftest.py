@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -49,16 +50,25 @@ def pg_cluster(tmp_root: Path) -> Iterator[PgCluster]:
 _db_counter = itertools.count()
 
 
+@contextmanager
+def cloned_database(cluster: PgCluster, template: str, prefix: str = "t") -> Iterator[str]:
+    """A new database copied from ``template`` on ``cluster``; yields its DSN and drops it afterwards."""
+    name = f"{prefix}{os.getpid()}_{next(_db_counter)}"
+    base = cluster.dsn.rsplit("/", 1)[0]
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def pg_dsn(pg_cluster: PgCluster) -> Iterator[str]:
     """A fresh, migrated database (copied from the template) for one test; dropped afterwards."""
-    name = f"t{os.getpid()}_{next(_db_counter)}"
-    base = pg_cluster.dsn.rsplit("/", 1)[0]
-    with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE optmon_template")
-    yield f"{base}/{name}"
-    with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with cloned_database(pg_cluster, "optmon_template") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

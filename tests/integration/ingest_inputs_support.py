@@ -13,6 +13,7 @@ from functools import cache
 from typing import Any
 
 import asyncpg
+import grpc
 import psycopg
 import redis.asyncio as aioredis
 from optmon.v1 import market_pb2
@@ -202,3 +203,19 @@ def describe_diff(table: str, got: list[tuple[Any, ...]], ref: list[tuple[Any, .
         if len(lines) > limit:
             break
     return "\n".join(lines)
+
+
+@contextlib.asynccontextmanager
+async def grpc_ingest(settings: Any) -> AsyncIterator[tuple[Any, grpc.aio.Channel]]:
+    """An in-process ingest server (``create_server(settings)``), ready, and a channel to it; stopped afterwards."""
+    from services.ingest.server import app_of, create_server
+
+    server, port = await create_server(settings)
+    app = app_of(server)
+    await app.wait_ready(30)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield app, channel
+    finally:
+        await channel.close()
+        await app.stop()

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from services.ingest.domain import validation as v
 from services.ingest.server import IngestApp, app_of, create_server
-from tests.integration.ingest_inputs_support import csv_snapshots, settings_for
+from tests.integration.ingest_inputs_support import csv_snapshots, grpc_ingest, settings_for
 from tests.unit.test_ingest_validation import CASES, good_tick
 
 
@@ -29,13 +29,8 @@ async def ingest(pg_dsn: str, redis_url: str, request: pytest.FixtureRequest,
     policy = getattr(request, "param", "keep")
     settings = settings_for(pg_dsn, redis_url, ingest_streams_enabled=False, ingest_pubsub_enabled=False,
                             ingest_jump_policy=policy, ingest_publish_commit_ticks=500)
-    server, port = await create_server(settings)
-    app = app_of(server)
-    await app.wait_ready(30)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield app, channel
-    await channel.close()
-    await app.stop()
+    async with grpc_ingest(settings) as pair:
+        yield pair
 
 
 async def publish(channel: grpc.aio.Channel, batches: list[market_pb2.TickBatch]) -> Any:

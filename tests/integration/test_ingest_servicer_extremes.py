@@ -11,8 +11,8 @@ import grpc
 import pytest
 from optmon.v1 import ingest_service_pb2, ingest_service_pb2_grpc, market_pb2
 
-from services.ingest.server import IngestApp, app_of, create_server
-from tests.integration.ingest_inputs_support import settings_for
+from services.ingest.server import IngestApp
+from tests.integration.ingest_inputs_support import grpc_ingest, settings_for
 from tests.unit.test_ingest_validation import good_tick, ts
 
 I64 = 2**63 - 1
@@ -41,13 +41,8 @@ EXTREMES: list[tuple[str, dict[str, Any]]] = [
 @pytest.fixture
 async def ingest(pg_dsn: str, redis_url: str) -> AsyncIterator[tuple[IngestApp, grpc.aio.Channel]]:
     settings = settings_for(pg_dsn, redis_url, ingest_streams_enabled=False, ingest_pubsub_enabled=False)
-    server, port = await create_server(settings)
-    app = app_of(server)
-    await app.wait_ready(30)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield app, channel
-    await channel.close()
-    await app.stop()
+    async with grpc_ingest(settings) as pair:
+        yield pair
 
 
 async def test_extreme_ticks_never_fail_the_call(ingest: tuple[IngestApp, grpc.aio.Channel]) -> None:

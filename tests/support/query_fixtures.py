@@ -4,8 +4,6 @@ bars, loaded once per session into a template and copied per test, and an in-pro
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,10 +13,10 @@ import pytest
 from services.devstack.pg import PgCluster
 from services.query.server import create_server, stop_server
 from services.query.settings import QuerySettings
+from tests.conftest import cloned_database
 from tests.support.load_bars import load_nifty_day
 
 _TEMPLATE = "optmon_query_bars_tpl"
-_n = itertools.count()
 #: Clusters whose template was built in this process (the fixture is re-bound per test module, the load is not).
 _built: set[str] = set()
 
@@ -45,13 +43,8 @@ def bars_template(pg_cluster: PgCluster, nifty_1min_csv: Path) -> str:
 @pytest.fixture
 def bars_dsn(pg_cluster: PgCluster, bars_template: str) -> Iterator[str]:
     """A fresh database with the 18-Aug bars (copy of the template) for one test."""
-    name = f"q{os.getpid()}_{next(_n)}"
-    base = pg_cluster.dsn.rsplit("/", 1)[0]
-    with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {_TEMPLATE}")
-    yield f"{base}/{name}"
-    with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with cloned_database(pg_cluster, bars_template, prefix="q") as dsn:
+        yield dsn
 
 
 def query_settings(pg_dsn: str, redis_url: str, **kw: object) -> QuerySettings:
