@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 #: Units where a smaller value is better.
-LOWER_IS_BETTER = {"ms", "s", "MiB", "bytes"}
+LOWER_IS_BETTER = {"ms", "us", "s", "MiB", "bytes"}
 
 
 @dataclass

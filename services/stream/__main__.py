@@ -9,7 +9,7 @@ import asyncio
 import signal
 
 from services.common.logging import configure_logging, get_logger
-from services.common.server import shutdown, start_metrics
+from services.common.server import shutdown, start_metrics, tune_gc
 from services.stream.server import create_server
 from services.stream.settings import StreamSettings
 
@@ -21,6 +21,7 @@ async def main() -> None:
     log = get_logger("stream")
     start_metrics(settings.metrics_port)
     server, port = await create_server(settings)
+    tune_gc()
     log.info("stream.started", port=port, query_addr=settings.query_addr, metrics_port=settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
