@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,20 +13,18 @@ from typing import Any
 
 import asyncpg
 import grpc
-import psycopg
 import redis.asyncio as aioredis
 from optmon.v1 import market_pb2
 
 from services.devstack.pg import PgCluster
 from services.ingest.settings import IngestSettings
-from tests.conftest import NIFTY_1MIN
+from tests.conftest import NIFTY_1MIN, cloned_database
 
 #: Tables whose full content must match between an interrupted and an uninterrupted run.
 BAR_TABLES = ("bars_1m", "bars_5m", "bars_15m", "bars_1h", "bars_latest", "underlying_bars")
 _EXCLUDED_COLUMNS = {"updated_at"}
 #: Column names of each table as last read by :func:`fetch_bars`.
 COLUMNS: dict[str, list[str]] = {}
-_db_counter = itertools.count()
 
 
 @cache
@@ -139,14 +136,8 @@ async def fetch_bars(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
 @contextlib.contextmanager
 def extra_database(cluster: PgCluster) -> Iterator[str]:
     """One more fresh migrated database on the session cluster (like the ``pg_dsn`` fixture)."""
-    name = f"x{os.getpid()}_{next(_db_counter)}"
-    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE optmon_template")
-    try:
-        yield f"{cluster.dsn.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with cloned_database(cluster, "optmon_template", prefix="x") as dsn:
+        yield dsn
 
 
 @contextlib.asynccontextmanager
