@@ -3,6 +3,9 @@
 Every RPC is registered through a generic handler with ``request_deserializer=None`` and
 ``response_serializer=None``: the handler receives the raw request bytes (the L1 key, so a hit does not even parse
 the request) and returns serialized response bytes straight from the cache.
+
+The ``<Rpc>Json`` twins (gateway JSON, ``google.api.HttpBody``) are derived cache methods of the protobuf RPCs
+(:meth:`Method.derived`): the JSON is printed once per cache entry (:mod:`services.query.jsonbody`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,21 @@ from services.query.cache.core import Method, ResponseCache
 from services.query.cache.generations import ALL
 from services.query.domain import pagetoken
 from services.query.domain.requests import validate_bars, validate_chain, validate_distribution, validate_series
+from services.query.jsonbody import json_renderer
 from services.query.settings import QuerySettings
 from services.query.store.pg import PgStore
 
 SERVICE = "optmon.v1.QueryService"
+
+#: Protobuf RPC → response class, for the RPCs with a JSON twin named ``<Rpc>Json`` (ListBars has none: the
+#: gateway transcodes it).
+JSON_TWINS: dict[str, Any] = {
+    "ListUnderlyings": q_pb2.ListUnderlyingsResponse,
+    "ListExpiries": q_pb2.ListExpiriesResponse,
+    "GetStrikeDistribution": q_pb2.GetStrikeDistributionResponse,
+    "GetMoneynessSeries": q_pb2.GetMoneynessSeriesResponse,
+    "GetOptionChain": q_pb2.GetOptionChainResponse,
+}
 
 
 def _time(msg: Any, field: str) -> datetime | None:
@@ -117,6 +131,8 @@ class QueryServicer:
             "ListExpiries": Method("ListExpiries", exp_parse, exp_compute, 0),
             "ListUnderlyings": Method("ListUnderlyings", und_parse, und_compute, 0),
         }
+        for name, cls in JSON_TWINS.items():
+            self.methods[name + "Json"] = Method.derived(name + "Json", self.methods[name], json_renderer(cls))
 
     async def serve(self, name: str, raw: bytes) -> bytes:
         """Serialized response of RPC ``name`` for raw request bytes (raises the domain errors)."""
@@ -143,7 +159,8 @@ class QueryServicer:
         })
 
     def warm_jobs(self) -> list[tuple[str, bytes]]:
-        """Default views of the popular underlyings (as clients send them: only the underlying set)."""
+        """(RPC name, raw request) of the default views of the popular underlyings (as clients send them: only the
+        underlying set), protobuf first, then their JSON twins."""
         jobs: list[tuple[str, bytes]] = [("ListUnderlyings", b"")]
         for u in self.settings.query_popular_underlyings:
             if u not in self.steps:
@@ -154,4 +171,5 @@ class QueryServicer:
                 ("GetMoneynessSeries", q_pb2.GetMoneynessSeriesRequest(underlying=u).SerializeToString()),
                 ("ListExpiries", q_pb2.ListExpiriesRequest(underlying=u).SerializeToString()),
             ]
-        return jobs
+        # The gateway's JSON of the same views (rendered from the protobuf entries just warmed).
+        return jobs + [(name + "Json", raw) for name, raw in jobs if name in JSON_TWINS]

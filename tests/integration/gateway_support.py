@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.api import httpbody_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from optmon.v1 import market_pb2, query_service_pb2, query_service_pb2_grpc, stream_service_pb2, stream_service_pb2_grpc
 
 from services.common.errors import FieldViolations, NotFound, abort_with
 from services.common.server import bind, new_server, shutdown
 from services.devstack.envoy import EnvoyProcess, GatewayConfig
+from services.query.jsonbody import CONTENT_TYPE, to_json
 
 UNDERLYING = "NIFTY"
 EXPIRIES = ["2026-08-21", "2026-08-28"]
@@ -141,6 +143,26 @@ class StubQueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         if request.page_token.startswith("sleep:"):  # a slow answer, for the request-timeout test
             await asyncio.sleep(float(request.page_token.removeprefix("sleep:")))
         return query_service_pb2.ListBarsResponse(s="no_data")
+
+    # The JSON twins the gateway binds the REST paths to (like the real service: the protobuf answer as JSON).
+    async def ListUnderlyingsJson(self, request: Any, context: Any) -> Any:
+        return _json(await self.ListUnderlyings(request, context))
+
+    async def ListExpiriesJson(self, request: Any, context: Any) -> Any:
+        return _json(await self.ListExpiries(request, context))
+
+    async def GetStrikeDistributionJson(self, request: Any, context: Any) -> Any:
+        return _json(await self.GetStrikeDistribution(request, context))
+
+    async def GetMoneynessSeriesJson(self, request: Any, context: Any) -> Any:
+        return _json(await self.GetMoneynessSeries(request, context))
+
+    async def GetOptionChainJson(self, request: Any, context: Any) -> Any:
+        return _json(await self.GetOptionChain(request, context))
+
+
+def _json(resp: Any) -> httpbody_pb2.HttpBody:
+    return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=to_json(resp))
 
 
 @dataclass

@@ -4,6 +4,7 @@ warming, and the degraded modes (Redis down; PostgreSQL down → stale-marked or
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import asyncpg
@@ -11,6 +12,7 @@ import grpc
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from google.api import httpbody_pb2
 from optmon.v1 import market_pb2
 from optmon.v1 import query_service_pb2 as q
 from optmon.v1 import query_service_pb2_grpc as qg
@@ -164,12 +166,23 @@ async def test_postgres_down_serves_stale_or_unavailable_then_recovers(
                 await _publish(redis_url, 1)  # new data announced while PostgreSQL is down
                 stale = await st.GetStrikeDistribution(DEFAULT)
                 assert stale.stale and stale.expiries == fresh.expiries
+                # the gateway's JSON (never asked before the outage): the protobuf's stale answer, rendered
+                stale_json = json.loads(httpbody_pb2.HttpBody.FromString(await ch.unary_unary(
+                    "/optmon.v1.QueryService/GetStrikeDistributionJson")(DEFAULT.SerializeToString())).data)
+                assert stale_json["stale"] is True and len(stale_json["expiries"]) == len(fresh.expiries)
                 with pytest.raises(grpc.aio.AioRpcError) as ei:
                     await st.GetOptionChain(q.GetOptionChainRequest(underlying="NIFTY"))
                 assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "PostgreSQL" in ei.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await ch.unary_unary("/optmon.v1.QueryService/GetOptionChainJson")(
+                        q.GetOptionChainRequest(underlying="NIFTY").SerializeToString())
+                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
                 cluster.start()
                 back = await st.GetStrikeDistribution(DEFAULT)
                 assert not back.stale and back.expiries == fresh.expiries
+                back_json = json.loads(httpbody_pb2.HttpBody.FromString(await ch.unary_unary(
+                    "/optmon.v1.QueryService/GetStrikeDistributionJson")(DEFAULT.SerializeToString())).data)
+                assert back_json["stale"] is False
                 assert (await st.GetOptionChain(q.GetOptionChainRequest(underlying="NIFTY"))).rows
         finally:
             await stop_server(server)

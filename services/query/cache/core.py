@@ -8,6 +8,13 @@ Read path of one request (raw request bytes in, serialized response bytes out, n
      plus a "last good" copy ``optmon:qc:last:<method>:<hash>`` for outages.
   3. PostgreSQL down: the newest L1 entry of any generation, else the L2 last-good copy, served with the
      response's ``stale`` field set (by appending the field's bytes: protobuf's last-one-wins); else UNAVAILABLE.
+     The stale fallback runs per caller, outside the single-flight, so a caller that must not get a stale answer
+     (``allow_stale=False``) never receives one computed for another caller.
+
+Derived variants (:meth:`Method.derived`, e.g. the JSON ``HttpBody`` twins of the views): another rendering of a
+source method's answer under its own key (L1 ``(name, raw)``, L2 ``optmon:qc:<name>:...``), with the same parse,
+scope, generations, TTLs, single-flight, compression and warming. A miss serves the source (its L1/L2, or PostgreSQL
+once) and renders it once; a stale answer is the source's stale answer rendered. No last-good copy of its own.
 """
 
 from __future__ import annotations
@@ -40,16 +47,30 @@ def stale_suffix(field_number: int) -> bytes:
     return varint(field_number << 3) + b"\x01"
 
 
+async def _no_compute(query: Any) -> bytes:
+    raise AssertionError("a derived method is computed from its source")  # pragma: no cover
+
+
 @dataclass(frozen=True)
 class Method:
     """A cached RPC: ``parse(raw) -> (query, scope)`` validates (raising FieldViolations / NotFound);
     ``compute(query) -> bytes`` reads PostgreSQL (raising Unavailable when it is down); ``stale_field`` is the
-    response's ``stale`` field number (0 when it has none)."""
+    response's ``stale`` field number (0 when it has none). A derived method (``source`` set) is
+    ``render(source's bytes)`` instead (see :meth:`derived`)."""
 
     name: str
     parse: Callable[[bytes], tuple[Any, tuple[str, int]]]
     compute: Callable[[Any], Awaitable[bytes]]
     stale_field: int = 0
+    source: Method | None = None
+    render: Callable[[bytes], bytes] | None = None
+
+    @classmethod
+    def derived(cls, name: str, source: Method, render: Callable[[bytes], bytes]) -> Method:
+        """Method ``name`` answering ``render(bytes of source for the same raw request)``: same request, parse and
+        invalidation scope as ``source``, cached under its own key. ``render`` must be pure (bytes → bytes) and
+        raise nothing for any answer of ``source`` (stale-marked ones included)."""
+        return cls(name, source.parse, _no_compute, 0, source, render)
 
 
 class ResponseCache:
@@ -78,8 +99,10 @@ class ResponseCache:
             c = self._hit[key] = (metrics.HITS if kind == "hit" else metrics.MISSES).labels(layer, method)
         c.inc()
 
-    async def serve(self, m: Method, raw: bytes) -> bytes:
-        """Serialized response bytes for the raw request of method ``m`` (see module doc)."""
+    async def serve(self, m: Method, raw: bytes, *, allow_stale: bool = True) -> bytes:
+        """Serialized response bytes for the raw request of method ``m`` (see module doc). Raises the errors of
+        ``m.parse``; ``Unavailable`` when PostgreSQL is down and no cached answer exists (or ``allow_stale`` is
+        False)."""
         t0 = time.perf_counter()
         key = (m.name, raw)
         e = self.l1.get(key)
@@ -96,9 +119,25 @@ class ResponseCache:
         token = self.gens.token(scope)
         h = hashlib.blake2b(raw, digest_size=12).hexdigest()
         l2key = f"optmon:qc:{m.name}:{scope[0]}:{scope[1]}:{token[1]}:{h}"
-        return await self.flights.do(l2key, lambda: self._fill(m, key, query, scope, token, l2key, h))
+        try:
+            return await self.flights.do(l2key, lambda: self._fill(m, key, raw, query, scope, token, l2key, h))
+        except Unavailable:
+            if not allow_stale:
+                raise
+            stale = await self._stale(m, raw)
+            if stale is None:
+                metrics.UNAVAILABLE.labels(m.name).inc()
+                raise
+            metrics.STALE.labels(m.name).inc()
+            return stale
 
-    async def _fill(self, m: Method, key: tuple[str, bytes], query: Any, scope: tuple[str, int],
+    async def _compute(self, m: Method, raw: bytes, query: Any) -> bytes:
+        if m.source is None:
+            return await m.compute(query)
+        assert m.render is not None
+        return m.render(await self.serve(m.source, raw, allow_stale=False))
+
+    async def _fill(self, m: Method, key: tuple[str, bytes], raw: bytes, query: Any, scope: tuple[str, int],
                     token: tuple[int, int], l2key: str, h: str) -> bytes:
         t0 = time.perf_counter()
         data = await self._l2_get(l2key)
@@ -110,28 +149,33 @@ class ResponseCache:
         self._count("miss", "l2", m.name)
         t1 = time.perf_counter()
         try:
-            data = await m.compute(query)
+            data = await self._compute(m, raw, query)
         except Unavailable:
             metrics.PG_UP.set(0)
-            stale = await self._stale(m, key, h)
-            if stale is not None:
-                metrics.STALE.labels(m.name).inc()
-                return stale + stale_suffix(m.stale_field) if m.stale_field else stale
-            metrics.UNAVAILABLE.labels(m.name).inc()
             raise
-        metrics.PG_UP.set(1)
-        self._lat_pg.observe(time.perf_counter() - t1)
+        if m.source is None:
+            metrics.PG_UP.set(1)
+            self._lat_pg.observe(time.perf_counter() - t1)
         self.l1.put(key, Entry(data, scope, token, time.monotonic() + self.l1_ttl))
         if self.gate is not None and self.gate.usable:
-            blob = self._pack(data)
-            self._spawn(self._l2_set(l2key, blob, self.l2_ttl, f"optmon:qc:last:{m.name}:{h}", self.last_ttl))
+            last = None if m.source is not None else (f"optmon:qc:last:{m.name}:{h}", self.last_ttl)
+            self._spawn(self._l2_set(l2key, self._pack(data), self.l2_ttl, last))
         return data
 
-    async def _stale(self, m: Method, key: tuple[str, bytes], h: str) -> bytes | None:
-        e = self.l1.get(key)
+    async def _stale(self, m: Method, raw: bytes) -> bytes | None:
+        """A cached answer of any generation, marked stale (derived: the source's, rendered); None when none."""
+        if m.source is not None:
+            assert m.render is not None
+            src = await self._stale(m.source, raw)
+            return None if src is None else m.render(src)
+        e = self.l1.get((m.name, raw))
         if e is not None:
-            return e.data
-        return await self._l2_get(f"optmon:qc:last:{m.name}:{h}")
+            data: bytes | None = e.data
+        else:
+            data = await self._l2_get(f"optmon:qc:last:{m.name}:{hashlib.blake2b(raw, digest_size=12).hexdigest()}")
+        if data is None:
+            return None
+        return data + stale_suffix(m.stale_field) if m.stale_field else data
 
     def _pack(self, data: bytes) -> bytes:
         if len(data) >= self.threshold:
@@ -153,13 +197,14 @@ class ResponseCache:
             return None
         return self._unpack(blob) if blob else None  # type: ignore[arg-type]
 
-    async def _l2_set(self, k: str, blob: bytes, ttl: int, last_k: str, last_ttl: int) -> None:
+    async def _l2_set(self, k: str, blob: bytes, ttl: int, last: tuple[str, int] | None) -> None:
         assert self.gate is not None
 
         async def write(c: Any) -> None:
             async with c.pipeline(transaction=False) as p:
                 p.set(k, blob, ex=ttl)
-                p.set(last_k, blob, ex=last_ttl)
+                if last is not None:
+                    p.set(last[0], blob, ex=last[1])
                 await p.execute()
 
         try:
