@@ -19,8 +19,8 @@ from services.devstack.redis import free_port
 from services.devstack.supervisor import SERVICES, Stack, StackConfig, StackError, http_get, port_free
 
 STAND_IN = textwrap.dedent('''
-    """A stand-in service: health + an empty QueryService.ListUnderlyings; exits with 3 once the file argv[2]
-    (if given) exists."""
+    """A stand-in service: health + an empty QueryService.ListUnderlyings and its JSON twin (the REST path);
+    exits with 3 once the file argv[2] (if given) exists."""
     import asyncio, os, sys
     import grpc
     from services.common.server import bind, new_server, serve_until_signalled
@@ -28,11 +28,16 @@ STAND_IN = textwrap.dedent('''
     async def list_underlyings(request: bytes, context) -> bytes:
         return b""  # an empty ListUnderlyingsResponse
 
+    async def list_underlyings_json(request: bytes, context) -> bytes:
+        from google.api import httpbody_pb2
+        return httpbody_pb2.HttpBody(content_type="application/json", data=b'{"underlyings":[]}').SerializeToString()
+
     async def main() -> None:
         port = int(os.environ[sys.argv[1]])
         server, health = new_server(["optmon.v1.QueryService"])
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("optmon.v1.QueryService", {
-            "ListUnderlyings": grpc.unary_unary_rpc_method_handler(list_underlyings)}),))
+            "ListUnderlyings": grpc.unary_unary_rpc_method_handler(list_underlyings),
+            "ListUnderlyingsJson": grpc.unary_unary_rpc_method_handler(list_underlyings_json)}),))
         await bind(server, health, "127.0.0.1", port)
         print("stand-in up", os.environ["OPTMON_PG_DSN"], os.environ["OPTMON_REDIS_URL"], flush=True)
         if len(sys.argv) > 2:
