@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -47,6 +48,8 @@ _STREAM_ID = re.compile(r":(\d+)-\d+$")
 #: Committed-but-unpublished BarUpdates kept for the next call at most (older ones are dropped and logged).
 _MAX_PENDING_EVENTS = 10_000
 _SIDE_INDEX = {"ce": 0, "pe": 1}
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NONE14 = (None,) * 14
 
 
 @dataclass
@@ -76,6 +79,40 @@ def _receive_us(source: str, default_us: int) -> int:
     if m:
         return min(int(m.group(1)) * 1000, default_us)
     return default_us
+
+
+class _GcPause:
+    """Context manager: the cyclic garbage collector is off while at least one ``process`` call of the process runs.
+
+    A call allocates a few hundred thousand short-lived container objects (tick aggregates, leg bars, rows) that
+    reference counting frees; with the collector on, their allocation triggers repeated generation-2 collections that
+    cost ≈ 1 s of CPU per replayed day (≈ 20 % of the call's Python time). Nothing of a call forms reference cycles
+    that must be reclaimed during the call; the collector is re-enabled (if it was on) when the last call ends, even
+    on an error, and collects any cycles then as usual."""
+
+    __slots__ = ("active", "was_enabled")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.was_enabled = False
+
+    def __enter__(self) -> None:
+        if self.active == 0:
+            self.was_enabled = gc.isenabled()
+            gc.disable()
+        self.active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+        if self.active == 0 and self.was_enabled:
+            gc.enable()
+
+
+_gc_pause = _GcPause()
+
+
+def _gc_paused() -> _GcPause:
+    return _gc_pause
 
 
 def _day_to_date(day: int) -> dt.date:
@@ -112,6 +149,11 @@ class Pipeline:
         self._analyze_task: asyncio.Task[None] | None = None
         #: Writer version of each underlying as of this process' last commit (table ingest_writers).
         self._versions: dict[str, int] = {}
+        #: UTC days whose partitions are known to have planner statistics (see :func:`store.analyze_if_never`).
+        self._stats_days: set[int] = set()
+        #: Newest committed 1-minute strike-bar bucket (epoch s) per underlying, by any writer (see
+        #: :meth:`_refresh_groups`: a bucket after it has no rows but the ones the current call writes).
+        self._newest: dict[str, int] = {}
 
     # -- start-up / recovery -----------------------------------------------------------------------------------
 
@@ -124,6 +166,7 @@ class Pipeline:
                 async with self._pool.acquire() as conn:
                     # Versions first: a commit by another writer after this read makes the next call reload.
                     versions = await store.load_versions(conn)
+                    newest = await store.load_newest_buckets(conn)
                     horizon = await store.latest_session_start(conn) or 0
                     closes = B.UnderlyingCloses()
                     for r in await store.load_underlying_closes(conn):
@@ -152,6 +195,7 @@ class Pipeline:
                 raise
             self._states, self._closes, self._listed, self._horizon_s = states, closes, listed, horizon
             self._versions = versions
+            self._newest = newest
             self._known_days = {today, today + 1}
             log.info("ingest.pipeline.started", leg_states=len(states), horizon_s=horizon,
                      underlyings=len(closes.bars))
@@ -196,7 +240,8 @@ class Pipeline:
         batches changes no rows).
         """
         async with self._lock:
-            return await self._process(batches)
+            with _gc_paused():
+                return await self._process(batches)
 
     async def _process(self, batches: Sequence[tuple[market_pb2.TickBatch, str]]) -> ProcessResult:
         now = dt.datetime.now(dt.UTC)
@@ -272,7 +317,8 @@ class Pipeline:
         touched = sorted({k[0] for k in builder.legs} | set(builder.underlying))
         derived = self._derive(builder, self._states.get, closes, listed)
         uarrays = self._underlying_arrays(builder)
-        new_days = builder.dates() - self._known_days
+        call_days = builder.dates()
+        new_days = call_days - self._known_days
 
         changed: dict[Timeframe, list[Any]] = {tf: [] for tf in Timeframe}
         prices = {u: closes.latest(u) for u in touched}
@@ -282,6 +328,7 @@ class Pipeline:
         stale: list[str] = []
         reloaded: dict[B.LegKey, B.LegState] = {}
         new_versions: dict[str, int] = {}
+        newest = self._newest
         t0 = time.perf_counter()
         try:
             async with self._pool.acquire() as conn:
@@ -292,6 +339,9 @@ class Pipeline:
                     versions = await store.lock_underlyings(conn, touched)
                     stale = [u for u in touched if versions[u] != self._versions.get(u, 0)]
                     if stale:
+                        # Under the lock: what the other writers committed is authoritative (-1: no bars).
+                        db_newest = await store.load_newest_buckets(conn, stale)
+                        newest = {**self._newest, **{u: db_newest.get(u, -1) for u in stale}}
                         reloaded = await self._reload(conn, stale, builder, closes, listed)
                         stale_set = set(stale)
 
@@ -300,14 +350,17 @@ class Pipeline:
 
                         derived = self._derive(builder, state_of, closes, listed)
                         log.info("ingest.state_reloaded", underlyings=stale, legs=len(reloaded))
-                    _rows, new_states, late, arrays, refresh_candidates = derived
+                    _rows, new_states, late, mem_rows, refresh_candidates = derived
                     if uarrays[0]:
                         await store.upsert_underlying(conn, uarrays)
                         for tf in ROLLUPS:
                             pairs = sorted({(u, b - b % tf.seconds) for u, bks in builder.underlying.items()
                                             for b in bks})
                             await store.rollup_underlying(conn, tf, [p[0] for p in pairs], [p[1] for p in pairs])
-                    changed[Timeframe.M1] = list(await store.upsert_1m(conn, arrays))
+                    changed[Timeframe.M1] = await self._upsert_1m(conn, mem_rows, newest)
+                    stats_days = sorted(call_days - self._stats_days)
+                    for d in stats_days:  # first rows of a fresh day: statistics before the rollup reads them
+                        await store.analyze_if_never(conn, Timeframe.M1, _day_to_date(d))
                     if late:
                         await self._recompute_late(conn, late, changed, late_state_rows)
                     m1_rows = list(changed[Timeframe.M1])
@@ -315,7 +368,7 @@ class Pipeline:
                     # PostgreSQL computes the rollups while this coroutine builds the 1M BarUpdates (it yields to
                     # the event loop every few hundred bars, so the next statement goes out without waiting).
                     db = asyncio.ensure_future(self._rollups(conn, changed, closes, listed, refresh_candidates,
-                                                             touched))
+                                                             touched, stats_days, newest))
                     try:
                         m1_updates = await events.build_updates_async(
                             {Timeframe.M1: m1_rows}, first_tick_us=builder.first_tick_us,
@@ -330,6 +383,13 @@ class Pipeline:
             raise
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - t0)
         self._known_days |= new_days
+        self._stats_days.update(stats_days)
+        if newest is not self._newest:
+            self._newest = dict(newest)
+        for (u, _e, _s, _c), bks in builder.legs.items():
+            top = max(bks)
+            if top > self._newest.get(u, -1):
+                self._newest[u] = top
 
         # Committed: apply the in-memory state.
         self._versions.update(new_versions)
@@ -340,7 +400,7 @@ class Pipeline:
             self._states[key] = _state_from_rows(state_rows)
         self._closes = closes
         self._listed = listed
-        days = builder.dates()
+        days = call_days
         if days and max(days) * B.DAY_S > self._horizon_s:
             self._horizon_s = max(days) * B.DAY_S
             self._prune()
@@ -378,21 +438,28 @@ class Pipeline:
             from services.ingest.store.deadletter import write_dead_letters
 
             await write_dead_letters(self._redis, dead, self._settings.ingest_deadletter_maxlen)
-        await self._maybe_analyze(changed[Timeframe.M1])
+        await self._maybe_analyze(changed[Timeframe.M1], set(stats_days))
         if time.monotonic() - self._last_retention > self._settings.ingest_retention_interval_s:
             await self.enforce_retention()
         return result
 
-    async def _maybe_analyze(self, rows_1m: list[Any]) -> None:
+    async def _maybe_analyze(self, rows_1m: list[Any], analyzed: Collection[int] = ()) -> None:
         """ANALYZE a day's partitions when the 1M rows written to it since the last ANALYZE doubled (from 500 rows
-        on): keeps the rollup plans on the primary key. Best effort (errors logged)."""
-        counts: dict[int, int] = {}
+        on): keeps the rollup plans on the primary key. Best effort (errors logged). ``analyzed``: days whose
+        partitions got statistics inside this call (:func:`store.analyze_if_never`): counted as analyzed now."""
+        per_bucket: dict[dt.datetime, int] = {}
         for r in rows_1m:
-            d = int(r["bucket_time"].timestamp()) // B.DAY_S
-            counts[d] = counts.get(d, 0) + 1
+            bt = r[3]
+            per_bucket[bt] = per_bucket.get(bt, 0) + 1
+        counts: dict[int, int] = {}
+        for bt, n in per_bucket.items():
+            d = int(bt.timestamp()) // B.DAY_S
+            counts[d] = counts.get(d, 0) + n
         for d, n in counts.items():
             st = self._day_rows.setdefault(d, [0, 0])
             st[0] += n
+            if d in analyzed:
+                st[1] = st[0]
             if st[0] >= 500 and st[0] >= 2 * st[1] and (self._analyze_task is None or self._analyze_task.done()):
                 st[1] = st[0]
                 # In the background, on its own connection: ANALYZE does not block writes, nor this call.
@@ -482,16 +549,24 @@ class Pipeline:
 
     async def _rollups(self, conn: asyncpg.Connection, changed: dict[Timeframe, list[Any]],
                        closes: B.UnderlyingCloses, listed: B.ListedStrikes,
-                       refresh_candidates: set[tuple[str, str, int]], touched: list[str]) -> dict[str, int]:
+                       refresh_candidates: set[tuple[str, str, int]], touched: list[str],
+                       stats_days: Sequence[int] = (), newest: dict[str, int] | None = None) -> dict[str, int]:
         """In the call's transaction: 5M from the changed 1M rows, 15M from 5M, 1H from 15M, the moneyness re-stamp
-        of every timeframe, and the writer-version bump (returned). Appends the changed rows to ``changed``."""
+        of every timeframe, and the writer-version bump (returned). Appends the changed rows to ``changed``.
+        ``stats_days``: UTC days whose 5M/15M partitions get statistics (when they have none) before the next
+        rollup reads them. ``newest``: newest committed 1M bucket per underlying before this call (default: as of
+        this process' last commit)."""
         src = changed[Timeframe.M1]
         for tf in ROLLUPS:
             if not src:
                 break
             src = changed[tf] = list(await store.rollup(conn, tf, self._rollup_groups(src, tf, closes, listed)))
+            if tf != Timeframe.H1:
+                for d in stats_days:
+                    await store.analyze_if_never(conn, tf, _day_to_date(d))
         for tf in Timeframe:
-            groups = self._refresh_groups(tf, refresh_candidates, closes, listed)
+            groups = self._refresh_groups(tf, refresh_candidates, closes, listed,
+                                          self._newest if newest is None else newest)
             if groups[0]:
                 changed[tf].extend(await store.refresh_moneyness(conn, tf, groups))
         return await store.bump_versions(conn, touched) if touched else {}
@@ -501,7 +576,8 @@ class Pipeline:
                                                   dict[B.LegKey, B.LegState], set[tuple[str, str, float, int, str]],
                                                   list[list[Any]], set[tuple[str, str, int]]]:
         """Leg bars of the call from the per-leg states (``state_of(key)``): (rows by (u, expiry, strike, bucket),
-        new states, late legs (u, expiry, strike, bucket, side), 1M upsert arrays, moneyness refresh candidates)."""
+        new states, late legs (u, expiry, strike, bucket, side), 1M upsert rows (see :meth:`_bar_rows`), moneyness
+        refresh candidates)."""
         rows: dict[tuple[str, str, float, int], list[B.LegBar | None]] = {}
         new_states: dict[B.LegKey, B.LegState] = {}
         late: set[tuple[str, str, float, int, str]] = set()
@@ -518,7 +594,7 @@ class Pipeline:
                 slot[i] = lb
                 if lb.late:
                     late.add((u, e, s, b, "ce" if is_call else "pe"))
-        arrays = self._bar_arrays(rows, closes, listed)
+        arrays = self._bar_rows(rows, closes, listed)
         # (underlying, expiry, 1M bucket) whose index close or listed strikes may have changed: every bar of their
         # buckets (all timeframes) is re-stamped when the underlying close / ATM differs from the committed state.
         refresh_candidates = {(u, e, b) for (u, e, _s, b) in rows}
@@ -560,9 +636,10 @@ class Pipeline:
                 listed.observe(u, r["expiry"], float(r["strike"]), int(r["first_s"]))
         return out
 
-    def _bar_arrays(self, rows: dict[tuple[str, str, float, int], list[B.LegBar | None]],
-                    closes: B.UnderlyingCloses, listed: B.ListedStrikes) -> list[list[Any]]:
-        """Column arrays of the 1M upsert (see ``store.pg._upsert_1m_sql``): rows built as lists, then transposed."""
+    def _bar_rows(self, rows: dict[tuple[str, str, float, int], list[B.LegBar | None]],
+                  closes: B.UnderlyingCloses, listed: B.ListedStrikes) -> list[list[Any]]:
+        """Input rows of the 1M upsert: the 37 columns of ``store.pg._upsert_1m_sql`` per (underlying, expiry,
+        strike, bucket)."""
         atm_memo: dict[tuple[str, str, int], tuple[float | None, float | None]] = {}
         #: (strike, ATM, step) → moneyness level (a pure function of the three; most rows share a few ATMs).
         lvl_memo: dict[tuple[float, float | None, float | None], int | None] = {}
@@ -593,9 +670,60 @@ class Pipeline:
                 row += pe.agg[:12]
                 row += (pe.day_volume, pe.volume, pe.oi_change)
             append(row)
-        if not out:
-            return [[] for _ in range(37)]
-        return [list(c) for c in zip(*out, strict=True)]
+        return out
+
+    async def _upsert_1m(self, conn: asyncpg.Connection, rows: list[list[Any]],
+                         newest: dict[str, int]) -> list[Any]:
+        """Write the 1M ``rows`` (layout of :meth:`_bar_rows`); returns the changed bars (``store.BAR_COLUMNS``
+        order). Rows of buckets after ``newest[u]`` (the newest 1M bucket committed before the call) are almost
+        certainly new: they are inserted with ``ON CONFLICT DO NOTHING`` and, being stored exactly as given, not
+        read back (in a replay that is every row). The others, and any of those that did exist, go through the
+        merge-upsert, which returns the stored (merged) rows."""
+        fresh: list[list[Any]] = []
+        merge: list[list[Any]] = []
+        for r in rows:
+            (fresh if r[3] > newest.get(r[0], -1) else merge).append(r)
+        out: list[Any] = []
+        if fresh:
+            keys = {tuple(k) for k in await store.upsert_1m(conn, _columns(fresh), insert_only=True)}
+            inserted: list[list[Any]] = []
+            for r in fresh:
+                (inserted if (r[0], r[1], r[2], r[3]) in keys else merge).append(r)
+            out = self._bar_tuples(inserted)
+        if merge:
+            out.extend(await store.upsert_1m(conn, _columns(merge)))
+        return out
+
+    @staticmethod
+    def _bar_tuples(rows: list[list[Any]]) -> list[tuple[Any, ...]]:
+        """Input rows (layout of :meth:`_bar_rows`) as bar tuples in ``store.BAR_COLUMNS`` order, as the database
+        would return them."""
+        out: list[tuple[Any, ...]] = []
+        append = out.append
+        dates: dict[str, dt.date] = {}
+        times: dict[int, dt.datetime] = {}
+        epoch = _EPOCH
+        us = dt.timedelta(microseconds=1)
+        for m in rows:
+            e = dates.get(m[1])
+            if e is None:
+                e = dates[m[1]] = dt.date.fromisoformat(m[1])
+            bt = times.get(m[3] * 1_000_000)
+            if bt is None:
+                bt = times[m[3] * 1_000_000] = epoch + m[3] * 1_000_000 * us
+            legs: list[Any] = []
+            for j in (7, 22):  # ce, pe: open_us, open, high, low, close_us, close, iv..vega, oi, dv, volume, ΔOI
+                c_us = m[j + 4]
+                if c_us is None:
+                    legs += _NONE14
+                    continue
+                ct = times.get(c_us)
+                if ct is None:
+                    ct = times[c_us] = epoch + c_us * us
+                legs += (m[j + 1], m[j + 2], m[j + 3], m[j + 5], m[j + 6], m[j + 7], m[j + 8], m[j + 9], m[j + 10],
+                         m[j + 11], m[j + 14], m[j + 13], m[j + 12], ct)
+            append((m[0], e, m[2], bt, m[4], m[5], m[6], *legs))
+        return out
 
     @staticmethod
     def _underlying_arrays(builder: B.BarBuilder) -> list[list[Any]]:
@@ -650,14 +778,16 @@ class Pipeline:
         return cols
 
     def _refresh_groups(self, tf: Timeframe, candidates: set[tuple[str, str, int]], closes: B.UnderlyingCloses,
-                        listed: B.ListedStrikes) -> list[list[Any]]:
+                        listed: B.ListedStrikes, newest: dict[str, int]) -> list[list[Any]]:
         """Groups (6 arrays) of ``tf`` buckets whose underlying close or ATM strike (at the bucket's last minute)
-        differs between the committed state and ``closes``/``listed``."""
+        differs between the committed state and ``closes``/``listed``. Buckets that start after ``newest[u]`` (the
+        newest 1M bucket committed before this call, -1 when none) are left out: their only rows are the ones this
+        call wrote, already stamped with ``closes``/``listed`` (in a replay, almost every bucket of a call)."""
         keys = {(u, e, b - b % tf.seconds) for u, e, b in candidates}
         cols: list[list[Any]] = [[] for _ in range(6)]
         for u, e, b in sorted(keys):
             step = self._steps.get(u)
-            if not step:
+            if not step or b > newest.get(u, -1):
                 continue
             last = B.last_minute_of(b, tf)
             uc = closes.price_at(u, last)
@@ -676,8 +806,8 @@ class Pipeline:
                               late_state_rows: dict[B.LegKey, list[Any]]) -> None:
         """Late ticks: recompute day_volume/volume/oi_change over the whole session of every late leg whose bar
         changed, and re-read those legs' state (two newest bars of their newest session)."""
-        changed_keys = {(r["underlying"], self._expiry_str(r["expiry"]), float(r["strike"]),
-                         int(r["bucket_time"].timestamp())) for r in changed[Timeframe.M1]}
+        changed_keys = {(r[0], self._expiry_str(r[1]), float(r[2]), int(r[3].timestamp()))
+                        for r in changed[Timeframe.M1]}
         todo: dict[str, set[tuple[str, str, float, int]]] = {"ce": set(), "pe": set()}
         for u, e, s, b, side in late:
             if (u, e, s, b) in changed_keys:
@@ -696,6 +826,11 @@ class Pipeline:
                 state_rows = list(await store.load_leg_rows(conn, side, u, e, s, sess))
                 if state_rows:
                     late_state_rows[key] = state_rows
+
+
+def _columns(rows: list[list[Any]]) -> list[list[Any]]:
+    """Rows (equal lengths) transposed into column lists."""
+    return [list(c) for c in zip(*rows, strict=True)]
 
 
 def _state_from_rows(rows: list[Any]) -> B.LegState:

@@ -75,10 +75,14 @@ def _latest_cte(tf: Timeframe, src: str) -> str:
     cols = ", ".join(BAR_COLUMNS)
     sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in BAR_COLUMNS if c not in ("underlying", "expiry", "strike"))
     src_cols = ", ".join(f"{c}" if c != "underlying" else "underlying" for c in BAR_COLUMNS)
+    # The newest row per contract: ``src`` is the output of one statement on a table keyed by (underlying, expiry,
+    # strike, bucket_time), so each contract's newest bucket is one row. A hashed max over the four narrow key
+    # columns and a hashed semi-join cost a fraction of sorting the wide rows (DISTINCT ON).
     return (
         f"lat AS (INSERT INTO bars_latest AS l (timeframe, {cols}) "
-        f"SELECT DISTINCT ON (underlying, expiry, strike) {int(tf)}::smallint, {src_cols} FROM {src} "
-        f"ORDER BY underlying, expiry, strike, bucket_time DESC "
+        f"SELECT {int(tf)}::smallint, {src_cols} FROM {src} "
+        f"WHERE (underlying, expiry, strike, bucket_time) IN (SELECT underlying, expiry, strike, max(bucket_time) "
+        f"FROM {src} GROUP BY underlying, expiry, strike) "
         f"ON CONFLICT (underlying, timeframe, expiry, strike) DO UPDATE SET {sets}, updated_at = now() "
         f"WHERE EXCLUDED.bucket_time >= l.bucket_time)"
     )
@@ -97,16 +101,39 @@ def _upsert_1m_arg_types() -> list[str]:
             *[t for _s in SIDES for _n, t in _SIDE_ARRAYS]]
 
 
-def _upsert_1m_sql() -> str:
-    """The 1M merge-upsert: $1..$7 = underlying, expiry (text), strike, bucket (epoch s), underlying_close,
-    atm_strike, moneyness_level; then per side (ce, pe) 15 arrays: open_us, open, high, low, close_us, close, iv,
-    delta, gamma, theta, vega, oi (the layout of a ``domain.bars`` leg aggregate), day_volume, volume, oi_change."""
+#: Input columns of the 1M upsert sent as rows of the 2-D float8 / int8 parameter ($3 / $4), in row order.
+_UPSERT_1M_FLOAT_ROWS = [i for i, t in enumerate(_upsert_1m_arg_types()) if t == "float8[]"]
+_UPSERT_1M_INT_ROWS = [i for i, t in enumerate(_upsert_1m_arg_types()) if i >= 2 and t != "float8[]"]
+
+
+def _upsert_1m_sql(insert_only: bool = False) -> str:
+    """The 1M merge-upsert (``insert_only``: insert of the new bars only) of 37 input columns: underlying, expiry
+    (text), strike, bucket (epoch s), underlying_close, atm_strike, moneyness_level; then per side (ce, pe) 15
+    columns: open_us, open, high, low, close_us, close, iv, delta, gamma, theta, vega, oi (the layout of a
+    ``domain.bars`` leg aggregate), day_volume, volume, oi_change. They travel as 4 parameters (see
+    :func:`upsert_1m`): $1 underlying and $2 expiry as text array literals, $3 every float column as the rows of one
+    2-D float8 array, $4 every integer column as the rows of one 2-D int8 array (both binary; each column is
+    unnested from its row slice).
+
+    The merge returns the changed rows (columns :data:`BAR_COLUMNS`). ``insert_only`` leaves bars that already exist
+    untouched (``ON CONFLICT DO NOTHING``) and returns only the keys of the inserted ones (underlying, expiry text,
+    strike, bucket epoch s): they are stored exactly as given, so the caller need not read them back."""
     arr_types = _upsert_1m_arg_types()
     names = ["u", "e", "s", "b", "uc", "atm", "lvl"] + [f"{s}_{n}" for s in SIDES for n, _t in _SIDE_ARRAYS]
-    # float8 arrays travel in asyncpg's binary format (exact IEEE doubles, ~2.5x cheaper than formatting and parsing
-    # their decimal text); text, date and integer arrays as text literals (see :func:`pg_array`), where PostgreSQL's
-    # parser is as cheap as asyncpg's per-element encoding.
-    params = ", ".join(f"${i + 1}::{t}" if t == "float8[]" else f"${i + 1}::text::{t}" for i, t in enumerate(arr_types))
+    # Numbers travel in asyncpg's binary format (exact IEEE doubles; no decimal formatting and parsing). One 2-D
+    # array per type rather than one array per column: asyncpg checks every element of a 1-D array for being a
+    # nested array (an ABC isinstance, ~0.15 µs), but only the first row of a 2-D one.
+    args = []
+    for i, t in enumerate(arr_types):
+        if i < 2:
+            args.append(f"${i + 1}::text::{t}")
+        elif t == "float8[]":
+            k = _UPSERT_1M_FLOAT_ROWS.index(i) + 1
+            args.append(f"($3::float8[])[{k}:{k}]")
+        else:
+            k = _UPSERT_1M_INT_ROWS.index(i) + 1
+            args.append(f"($4::int8[])[{k}:{k}]" + ("::int4[]" if t == "int4[]" else ""))
+    params = ", ".join(args)
     select = ["n.u", "n.e::date", "n.s", "to_timestamp(n.b)", "n.uc", "n.atm", "n.lvl"]
     for s in SIDES:
         for f in LEG_FIELDS:
@@ -135,12 +162,18 @@ def _upsert_1m_sql() -> str:
     sets = ", ".join(f"{c} = {e}" for c, e in merged.items())
     new_row = ", ".join(merged.values())
     old_row = ", ".join(f"o.{c}" for c in merged)
+    if insert_only:
+        conflict = "DO NOTHING"
+        result = "SELECT underlying, expiry::text, strike, extract(epoch FROM bucket_time)::int8 FROM up"
+    else:
+        conflict = (f"DO UPDATE SET {sets}, updated_at = now() "
+                    f"WHERE ROW({new_row}) IS DISTINCT FROM ROW({old_row})")
+        result = "SELECT * FROM up"
     return (
         f"WITH n AS (SELECT * FROM unnest({params}) AS n({', '.join(names)})), "
         f"up AS (INSERT INTO bars_1m AS o ({', '.join(_ALL_COLUMNS)}) SELECT {', '.join(select)} FROM n "
-        f"ON CONFLICT (underlying, expiry, strike, bucket_time) DO UPDATE SET {sets}, updated_at = now() "
-        f"WHERE ROW({new_row}) IS DISTINCT FROM ROW({old_row}) RETURNING {_RETURNING}), "
-        f"{_latest_cte(Timeframe.M1, 'up')} SELECT * FROM up"
+        f"ON CONFLICT (underlying, expiry, strike, bucket_time) {conflict} RETURNING {_RETURNING}), "
+        f"{_latest_cte(Timeframe.M1, 'up')} {result}"
     )
 
 
@@ -259,8 +292,7 @@ _UNDERLYING_ROLLUP_SQL = (
 )
 
 UPSERT_1M_SQL = _upsert_1m_sql()
-#: Positions of the float8[] arguments of :data:`UPSERT_1M_SQL` (passed as lists, binary-encoded by asyncpg).
-_UPSERT_1M_FLOAT_ARGS = frozenset(i for i, t in enumerate(_upsert_1m_arg_types()) if t == "float8[]")
+INSERT_1M_SQL = _upsert_1m_sql(insert_only=True)
 ROLLUP_SQL = {Timeframe.M5: _rollup_sql(Timeframe.M5, Timeframe.M1),
               Timeframe.M15: _rollup_sql(Timeframe.M15, Timeframe.M5),
               Timeframe.H1: _rollup_sql(Timeframe.H1, Timeframe.M15)}
@@ -270,21 +302,25 @@ RECOMPUTE_SQL = {s: _recompute_sql(s) for s in SIDES}
 def pg_array(values: Sequence[Any], text: bool = False) -> str:
     """A PostgreSQL array literal of numbers (``str`` of an int/float round-trips exactly; None → NULL) or, with
     ``text``, of double-quoted strings."""
-    if text:
-        return "{" + ",".join(
-            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
-    if None in values:
-        return "{" + ",".join(["NULL" if v is None else str(v) for v in values]) + "}"
-    return "{" + ",".join(map(str, values)) + "}"
+    if text:  # few distinct values (underlyings, expiries): quote each once
+        quoted = {v: "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                  for v in set(values)}
+        return "{" + ",".join(map(quoted.__getitem__, values)) + "}"
+    # str(None) is "None", and no number's str contains it: one C-level join, then NULLs in one pass.
+    return "{" + ",".join(map(str, values)).replace("None", "NULL") + "}"
 
 
-async def upsert_1m(conn: asyncpg.Connection, arrays: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
-    """Merge-upsert 1-minute bars (arrays as documented on the SQL) and bars_latest; returns the changed rows
-    (columns :data:`BAR_COLUMNS`)."""
+async def upsert_1m(conn: asyncpg.Connection, arrays: Sequence[Sequence[Any]],
+                    insert_only: bool = False) -> list[asyncpg.Record]:
+    """Merge-upsert 1-minute bars (37 column arrays as documented on :func:`_upsert_1m_sql`) and bars_latest;
+    returns the changed rows (columns :data:`BAR_COLUMNS`). ``insert_only``: insert the bars that do not exist yet,
+    leave the others untouched, and return the keys ``(underlying, expiry text, strike, bucket_s)`` of the inserted
+    ones (each stored exactly as given)."""
     if not arrays or not arrays[0]:
         return []
-    return await conn.fetch(UPSERT_1M_SQL, *[a if i in _UPSERT_1M_FLOAT_ARGS else pg_array(a, i < 2)
-                                            for i, a in enumerate(arrays)])
+    return await conn.fetch(INSERT_1M_SQL if insert_only else UPSERT_1M_SQL, pg_array(arrays[0], True),
+                            pg_array(arrays[1], True), [list(arrays[i]) for i in _UPSERT_1M_FLOAT_ROWS],
+                            [list(arrays[i]) for i in _UPSERT_1M_INT_ROWS])
 
 
 async def rollup(conn: asyncpg.Connection, tf: Timeframe, groups: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
@@ -360,6 +396,16 @@ async def latest_session_start(conn: asyncpg.Connection) -> int | None:
     return None if v is None else int(v)
 
 
+async def load_newest_buckets(conn: asyncpg.Connection, underlyings: Sequence[str] | None = None) -> dict[str, int]:
+    """Newest 1-minute strike-bar bucket (epoch s) per underlying (all, or only ``underlyings``), from bars_latest
+    (no scan of the bar tables); underlyings without bars are absent."""
+    rows = await conn.fetch(
+        "SELECT underlying, extract(epoch FROM max(bucket_time))::int8 AS b FROM bars_latest WHERE timeframe = 1 "
+        "AND ($1::text[] IS NULL OR underlying = ANY($1::text[])) GROUP BY underlying",
+        None if underlyings is None else list(underlyings))
+    return {r["underlying"]: int(r["b"]) for r in rows}
+
+
 async def load_listed_strikes(conn: asyncpg.Connection, since_s: int) -> list[asyncpg.Record]:
     """First 1-minute bucket (epoch s) of every (underlying, expiry, strike, UTC day) since ``since_s``."""
     return await conn.fetch(
@@ -402,6 +448,19 @@ async def analyze_day(conn: asyncpg.Connection, day: dt.date) -> None:
     becomes a per-expiry range); the pipeline calls this as a day's partitions grow."""
     names = ", ".join(f"{tf.table}_{day:%Y%m%d}" for tf in Timeframe)
     await conn.execute(f"ANALYZE {names}")
+
+
+async def analyze_if_never(conn: asyncpg.Connection, tf: Timeframe, day: dt.date) -> bool:
+    """ANALYZE the ``tf`` partition of one UTC day when it has no statistics yet (``reltuples`` < 0: never analyzed
+    or vacuumed); returns True when it did. Meant to run inside the call's transaction right after the first rows of
+    a fresh day were written and before the rollup that reads them: without statistics the planner reads the rollup
+    sub-bars through the snapshot index and filters on strike (≈ 4× slower than the primary-key range scan)."""
+    name = f"{tf.table}_{day:%Y%m%d}"
+    rt = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", name)
+    if rt is None or rt >= 0:
+        return False
+    await conn.execute(f"ANALYZE {name}")
+    return True
 
 
 def _refresh_sql(tf: Timeframe) -> str:
