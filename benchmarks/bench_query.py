@@ -131,7 +131,7 @@ async def _timed(fn: Any, n: int) -> list[float]:
 def _wrk(url: str, seconds: int = 5, connections: int = 16) -> tuple[float, float, float] | None:
     exe = shutil.which("wrk")
     if not exe:
-        return None
+        raise RuntimeError("wrk is missing: run `make install` (it installs the Debian package wrk)")
     r = subprocess.run([exe, f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
                        capture_output=True, text=True, timeout=seconds + 30)
     sc = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -147,13 +147,11 @@ def _pred_cached(redis_url: str, sd: bytes) -> tuple[tuple[float, float, float],
         | None:
     """wrk (p50 ms, p99 ms, rps) at 1 and at 16 connections, 5 s each, and the body size (bytes) of the predecessor's
     cached API serving the strike distribution ``sd`` (GetStrikeDistributionResponse bytes) put into Redis as JSON;
-    None without wrk. Blocking (run it in a thread)."""
+    None when wrk's output could not be read. Blocking (run it in a thread)."""
     import redis
 
     from benchmarks.baseline_predecessor import cached_api
 
-    if not shutil.which("wrk"):
-        return None
     doc = json_format.MessageToDict(q.GetStrikeDistributionResponse.FromString(sd))
     with redis.Redis.from_url(redis_url) as r:
         r.set(cached_api.KEY.format(underlying="NIFTY"), json.dumps(doc))
@@ -340,8 +338,8 @@ async def _gateway_figures(ctx: Any, addr: str, b1: Any, b16: Any, pred_note: st
     medians."""
     from services.devstack.envoy import EnvoyProcess, GatewayConfig
 
-    if not shutil.which("wrk"):
-        return
+    if not shutil.which("wrk"):  # `make install` installs it (apt); never skip a figure silently
+        raise RuntimeError("wrk is missing: run `make install` (it installs the Debian package wrk)")
     env = EnvoyProcess(root=Path(ctx.work_dir) / "query-gw", concurrency=2, cfg=GatewayConfig(
         listen_port=0, admin_port=0, query_addr=addr, stream_addr=f"127.0.0.1:{free_port()}", rate_limit_rps=0))
     await asyncio.to_thread(env.start)

@@ -104,6 +104,9 @@ def tune_gc(gen0_threshold: int = GC_GEN0_THRESHOLD) -> None:
     ``gen0_threshold`` net new container objects (then generation 1 every 20 young collections, generation 2 every
     10 of those — and, as always in CPython, only when 25 % of the long-lived objects are new). Cyclic garbage is
     still collected, later. Call once, after start-up and before serving.
+
+    Used by the stream service only: in the query service (few live objects, latency of single requests matters)
+    the rarer but larger young collections raised the 1-connection gateway p99 (1.6 → 4.7 ms in an A/B run).
     """
     gc.collect()
     gc.freeze()

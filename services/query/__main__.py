@@ -7,7 +7,7 @@ import asyncio
 import structlog
 
 from services.common.logging import configure_logging
-from services.common.server import serve_until_signalled, start_metrics, tune_gc
+from services.common.server import serve_until_signalled, start_metrics
 from services.query.server import QueryApp, create_server
 from services.query.settings import QuerySettings
 
@@ -19,7 +19,6 @@ async def main() -> None:
     structlog.contextvars.bind_contextvars(service="query")
     start_metrics(settings.metrics_port)
     server, port = await create_server(settings)
-    tune_gc()
     structlog.get_logger().info("query.started", port=port, metrics_port=settings.metrics_port)
     app: QueryApp = server.optmon_app  # type: ignore[attr-defined]
     await serve_until_signalled(server, app.health, settings.shutdown_grace_s, [app.close])
