@@ -51,7 +51,12 @@ U = "NIFTY"
 STEP = 50.0
 LEVELS = [int(x) for x in os.environ.get("OPTMON_BENCH_STREAM_LEVELS", "500,2000,5000").split(",")]
 PHASE_S = float(os.environ.get("OPTMON_BENCH_STREAM_PHASE_S", "12"))
+#: Subscribers: "c" = the C client (benchmarks/clients, the default: remote subscribers cost the server's machine
+#: nothing), "python" = grpc.aio clients in CLIENT_PROCS processes on the same 2 cores.
+CLIENT_KIND = os.environ.get("OPTMON_BENCH_STREAM_CLIENT", "c")
 CLIENT_PROCS = 3
+C_CLIENT_PROCS = 1
+C_PROBE_EVERY = 10
 PROBES_PER_PROC = 60
 SUBS_PER_CHANNEL = 400
 RAMP_CHUNK = 250
@@ -253,7 +258,8 @@ def _server_metrics(port: int) -> dict[str, float]:
 
     want = {"optmon_stream_send_latency_seconds_sum": "lat_sum", "optmon_stream_send_latency_seconds_count": "lat_n",
             "optmon_stream_groups": "groups", 'optmon_stream_encodings_total{kind="delta"}': "enc",
-            "optmon_stream_bar_updates_total": "upd", "optmon_stream_conflated_updates_total": "conflated"}
+            "optmon_stream_bar_updates_total": "upd", "optmon_stream_conflated_updates_total": "conflated",
+            "optmon_stream_update_seconds_sum": "upd_s_sum", "optmon_stream_update_seconds_count": "upd_s_n"}
     out = dict.fromkeys(want.values(), 0.0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for line in text.splitlines():
@@ -269,44 +275,97 @@ async def _ask(conns: list[Connection], cmd: str, args: list[Any] | None = None)
     return [await asyncio.to_thread(c.recv) for c in conns]
 
 
-async def _ramp(conns: list[Connection], reqs: list[bytes], have: int) -> None:
+class _PyPool:
+    """Subscribers in ``CLIENT_PROCS`` Python processes (grpc.aio clients, :func:`_client_main`)."""
+
+    kind = "python"
+
+    def __init__(self, addr: str) -> None:
+        mpctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(CLIENT_PROCS):
+            parent_end, child_end = mpctx.Pipe()
+            p = mpctx.Process(target=_client_proc, args=(child_end, addr), daemon=True)
+            p.start()
+            self.procs.append(p)
+            self.conns.append(parent_end)
+
+    async def add(self, reqs: list[bytes]) -> None:
+        await _ask(self.conns, "add", [reqs[j::CLIENT_PROCS] for j in range(CLIENT_PROCS)])
+
+    async def reset(self) -> None:
+        await _ask(self.conns, "reset")
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return await _ask(self.conns, "stats")
+
+    async def stop(self) -> None:
+        if self.conns:
+            try:
+                async with asyncio.timeout(30):
+                    await _ask(self.conns, "stop")
+            except Exception:  # a stuck client is killed below
+                pass
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        self.conns, self.procs = [], []
+
+
+class _CPool:
+    """Subscribers in ``C_CLIENT_PROCS`` processes of the C client (benchmarks/clients/grpc_stream_client.c): they
+    cost the shared cores ~10× less CPU per message than grpc.aio clients, so what is measured is the service."""
+
+    kind = "c"
+
+    def __init__(self, addr: str, exe: Path) -> None:
+        from benchmarks.clients import StreamClient
+
+        host, port = addr.rsplit(":", 1)
+        self.clients = [StreamClient(exe, host, int(port), SUBS_PER_CHANNEL, C_PROBE_EVERY)
+                        for _ in range(C_CLIENT_PROCS)]
+
+    async def add(self, reqs: list[bytes]) -> None:
+        n = len(self.clients)
+        await asyncio.gather(*[asyncio.to_thread(c.add, reqs[j::n]) for j, c in enumerate(self.clients)])
+
+    async def reset(self) -> None:
+        await asyncio.gather(*[asyncio.to_thread(c.reset) for c in self.clients])
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*[asyncio.to_thread(c.stats) for c in self.clients]))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*[asyncio.to_thread(c.close) for c in self.clients])
+        self.clients = []
+
+
+_Pool = _PyPool | _CPool
+
+
+def _new_pool(kind: str, addr: str, work_dir: Path) -> _Pool:
+    if kind == "c":
+        from benchmarks.clients import build_stream_client
+
+        return _CPool(addr, build_stream_client(work_dir / "bin"))
+    return _PyPool(addr)
+
+
+async def _ramp(pool: _Pool, reqs: list[bytes], have: int) -> None:
     """Open ``reqs`` spread over the client processes, in chunks, waiting for each chunk's snapshots: a burst of
     thousands of new streams would wait in gRPC's accept queue longer than its 30 s limit
     (grpc.server_max_unrequested_time_in_server) on this loaded machine and be cancelled."""
     for i in range(0, len(reqs), RAMP_CHUNK):
         chunk = reqs[i:i + RAMP_CHUNK]
-        await _ask(conns, "add", [chunk[j::CLIENT_PROCS] for j in range(CLIENT_PROCS)])
+        await pool.add(chunk)
         deadline = time.monotonic() + 60
         while True:
-            stats = await _ask(conns, "stats")
+            stats = await pool.stats()
             if sum(s["snapped"] for s in stats) >= have + i + len(chunk) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.25)
-
-
-def _start_clients(addr: str) -> tuple[list[Connection], list[Any]]:
-    mpctx = mp.get_context("spawn")
-    conns, procs = [], []
-    for _ in range(CLIENT_PROCS):
-        parent_end, child_end = mpctx.Pipe()
-        p = mpctx.Process(target=_client_proc, args=(child_end, addr), daemon=True)
-        p.start()
-        procs.append(p)
-        conns.append(parent_end)
-    return conns, procs
-
-
-async def _stop_clients(conns: list[Connection], procs: list[Any]) -> None:
-    if conns:
-        try:
-            async with asyncio.timeout(30):
-                await _ask(conns, "stop")
-        except Exception:  # a stuck client is killed below
-            pass
-    for p in procs:
-        p.join(5)
-        if p.is_alive():
-            p.kill()
 
 
 def _floor_server_proc(conn: Connection) -> None:
@@ -384,8 +443,9 @@ async def _floor_server_main(conn: Connection) -> None:
             return
 
 
-async def grpc_floor(n_subs: int, message_bytes: int, phase_s: float) -> dict[str, float]:
-    """The floor of Python gRPC fan-out on this machine, measured with the same client processes: a bare grpc.aio
+async def grpc_floor(n_subs: int, message_bytes: int, phase_s: float, kind: str, work_dir: Path
+                     ) -> dict[str, float]:
+    """The floor of Python gRPC fan-out on this machine, measured with the same kind of clients: a bare grpc.aio
     server (its own process, :func:`_floor_server_proc`) that does nothing but push one prebuilt ``message_bytes``
     SubscribeResponse to each of ``n_subs`` streams once a second — no Redis, no filters, no deltas, no metrics.
     Returns p50/p99 publish → client receipt (ms) and the server's CPU per message (µs)."""
@@ -393,28 +453,28 @@ async def grpc_floor(n_subs: int, message_bytes: int, phase_s: float) -> dict[st
     fconn, child = mpctx.Pipe()
     fproc = mpctx.Process(target=_floor_server_proc, args=(child,), daemon=True)
     fproc.start()
-    conns: list[Connection] = []
-    procs: list[Any] = []
+    pool: _Pool | None = None
     times: dict[int, float] = {}
     try:
         fconn.send(("start", message_bytes))
         port = await asyncio.to_thread(fconn.recv)
-        conns, procs = _start_clients(f"127.0.0.1:{port}")
-        await _ramp(conns, [b""] * n_subs, 0)
+        pool = _new_pool(kind, f"127.0.0.1:{port}", work_dir)
+        await _ramp(pool, [b""] * n_subs, 0)
         await asyncio.sleep(2.0)
-        await _ask(conns, "reset")
+        await pool.reset()
         fconn.send(("cpu", None))
         cpu0 = await asyncio.to_thread(fconn.recv)
         await asyncio.sleep(phase_s)
         fconn.send(("cpu", None))
         cpu = await asyncio.to_thread(fconn.recv) - cpu0
-        stats = await _ask(conns, "stats")
-        await _stop_clients(conns, procs)
-        conns, procs = [], []
+        stats = await pool.stats()
+        await pool.stop()
+        pool = None
         fconn.send(("stop", None))
         times = await asyncio.to_thread(fconn.recv)
     finally:
-        await _stop_clients(conns, procs)
+        if pool is not None:
+            await pool.stop()
         fproc.join(10)
         if fproc.is_alive():
             fproc.kill()
@@ -454,8 +514,7 @@ async def run(ctx: Any) -> list[Result]:
            "OPTMON_STREAM_PORT": str(port), "OPTMON_LOG_LEVEL": "WARNING", "OPTMON_METRICS_PORT": str(mport)}
     proc = subprocess.Popen([sys.executable, "-m", "services.stream"], env=env, cwd=str(ctx.root))  # noqa: ASYNC220
     results: list[Result] = []
-    conns: list[Connection] = []
-    procs: list[Any] = []
+    pool: _Pool | None = None
     running = True
 
     async def ticker() -> None:
@@ -468,20 +527,20 @@ async def run(ctx: Any) -> list[Result]:
     tick_task: asyncio.Task[None] | None = None
     try:
         await asyncio.to_thread(wait_port, port, 30.0)
-        conns, procs = _start_clients(f"127.0.0.1:{port}")
+        pool = _new_pool(CLIENT_KIND, f"127.0.0.1:{port}", Path(ctx.work_dir))
         tick_task = asyncio.create_task(ticker())
         level_stats: dict[int, dict[str, Any]] = {}
         have = 0
         for level in LEVELS:
-            await _ramp(conns, realistic_requests(level - have, expiries[:3], seed=level), have)
+            await _ramp(pool, realistic_requests(level - have, expiries[:3], seed=level), have)
             have = level
             await asyncio.sleep(2.0)
-            await _ask(conns, "reset")
+            await pool.reset()
             m0 = await asyncio.to_thread(_server_metrics, mport)
             cpu0 = _cpu_s(proc.pid)
             p_start = time.monotonic()
             await asyncio.sleep(PHASE_S)
-            stats = await _ask(conns, "stats")
+            stats = await pool.stats()
             m1 = await asyncio.to_thread(_server_metrics, mport)
             elapsed = time.monotonic() - p_start
             cpu_pct = 100 * (_cpu_s(proc.pid) - cpu0) / elapsed
@@ -496,6 +555,8 @@ async def run(ctx: Any) -> list[Result]:
                 "server_handoff_mean_ms":
                     1000 * (m1["lat_sum"] - m0["lat_sum"]) / max(1.0, m1["lat_n"] - m0["lat_n"]),
                 "groups": m1["groups"],
+                "update_compute_mean_ms":
+                    1000 * (m1["upd_s_sum"] - m0["upd_s_sum"]) / max(1.0, m1["upd_s_n"] - m0["upd_s_n"]),
                 "encodings_per_update": (m1["enc"] - m0["enc"]) / max(1.0, m1["upd"] - m0["upd"]),
                 "conflated": m1["conflated"] - m0["conflated"], "cpu_pct": cpu_pct,
                 "last_error": next((s["last_error"] for s in stats if s["last_error"]), ""),
@@ -538,7 +599,8 @@ async def run(ctx: Any) -> list[Result]:
         running = False
         if tick_task is not None:
             await asyncio.gather(tick_task, return_exceptions=True)
-        await _stop_clients(conns, procs)
+        if pool is not None:
+            await pool.stop()
         proc.terminate()
         try:
             proc.wait(15)
@@ -548,7 +610,7 @@ async def run(ctx: Any) -> list[Result]:
         await pub.close()
     # the same clients against a bare grpc.aio fan-out (the floor), after the stream process is gone
     a = level_stats[at]
-    floor = await grpc_floor(at, int(mean_delta), PHASE_S)
+    floor = await grpc_floor(at, int(mean_delta), PHASE_S, CLIENT_KIND, Path(ctx.work_dir))
     print(f"   grpc floor at {at}: {floor}", flush=True)
     fnote = (f"baseline: bare grpc.aio server pushing one prebuilt {mean_delta:.0f} B message to {at} streams "
              "(same clients, same run) — the floor of one Python gRPC process on this machine")

@@ -21,6 +21,9 @@ command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 command -v chromium >/dev/null 2>&1 || need+=(chromium fonts-liberation)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+# the stream benchmark's C load client (benchmarks/clients) is compiled with gcc against libnghttp2
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+[ -f /usr/include/nghttp2/nghttp2.h ] || need+=(libnghttp2-dev)
 if ((${#need[@]})); then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

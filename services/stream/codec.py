@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,22 +20,33 @@ from services.stream.domain.model import LEG_FIELDS, Bar, Leg
 from services.stream.domain.window import DeltaUpdate, Distribution, ExpiryBars, StrikeChange
 
 _LEG_INDEX = {name: i for i, name in enumerate(LEG_FIELDS)}
+#: OptionLeg field number → index into LEG_FIELDS (a FieldDescriptor's number is cheaper to read than its name).
+_LEG_SLOT: list[int] = [0] * (1 + max(f.number for f in market_pb2.OptionLeg.DESCRIPTOR.fields))
+for _name, _i in _LEG_INDEX.items():
+    _LEG_SLOT[market_pb2.OptionLeg.DESCRIPTOR.fields_by_name[_name].number] = _i
 _NONE_LEG: list[float | int | None] = [None] * len(LEG_FIELDS)
 _DOUBLE = struct.Struct("<d")
 
 
 @dataclass(slots=True)
 class BarUpdateIn:
-    """A decoded ``BarUpdate``: bars as (expiry, Bar); times UTC epoch seconds (``receive_time`` None when unset)."""
+    """A decoded ``BarUpdate`` (times UTC epoch seconds, ``receive_time`` None when unset); its bars stay protobuf
+    until :meth:`bars` converts those of the expiries that are wanted."""
 
     underlying: str
     sequence: int
     timeframe: int
     bucket_time: int
     underlying_price: float
-    bars: list[tuple[str, Bar]]
+    pb_bars: Sequence[market_pb2.StrikeBar]
     receive_time: float | None
     commit_time: float | None
+
+    def bars(self, expiries: Container[str] | None = None) -> list[tuple[str, Bar]]:
+        """The bars as ``(expiry, Bar)``, only those of ``expiries`` when given."""
+        if expiries is None:
+            return [bar_from_pb(b) for b in self.pb_bars]
+        return [bar_from_pb(b) for b in self.pb_bars if b.expiry in expiries]
 
 
 def _ts_seconds(ts: Timestamp) -> float:
@@ -43,9 +55,10 @@ def _ts_seconds(ts: Timestamp) -> float:
 
 def leg_from_pb(leg: market_pb2.OptionLeg) -> Leg:
     """An OptionLeg as a domain leg tuple (absent fields None)."""
-    out = list(_NONE_LEG)
+    out = _NONE_LEG.copy()
+    slot = _LEG_SLOT
     for fd, v in leg.ListFields():
-        out[_LEG_INDEX[fd.name]] = v
+        out[slot[fd.number]] = v
     return tuple(out)
 
 
@@ -62,8 +75,7 @@ def bar_update_from_bytes(data: bytes) -> BarUpdateIn:
     """Decode a BarUpdate payload (Redis field ``pb``). Raises ``google.protobuf.message.DecodeError``."""
     u = market_pb2.BarUpdate.FromString(data)
     return BarUpdateIn(
-        u.underlying, u.sequence, u.timeframe or 1, u.bucket_time.seconds, u.underlying_price,
-        [bar_from_pb(b) for b in u.bars],
+        u.underlying, u.sequence, u.timeframe or 1, u.bucket_time.seconds, u.underlying_price, u.bars,
         _ts_seconds(u.first_receive_time) if u.HasField("first_receive_time") else None,
         _ts_seconds(u.commit_time) if u.HasField("commit_time") else None,
     )

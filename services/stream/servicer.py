@@ -1,13 +1,12 @@
-"""StreamService servicer: SubscribeRequest → domain filter → hub; yields pre-serialized SubscribeResponses.
+"""StreamService servicer: SubscribeRequest → domain filter → hub, which writes pre-serialized SubscribeResponses.
 
 Registered through a generic handler with ``response_serializer=None`` so the shared, already encoded bytes of a
-group go out as they are. Errors: a StreamError message first (visible to SSE clients), then the matching gRPC
-status (INVALID_ARGUMENT with BadRequest field violations, NOT_FOUND, UNAVAILABLE) for gRPC clients.
+group go out as they are (``context.write``, driven by the hub: no generator per stream). Errors: a StreamError
+message first (visible to SSE clients), then the matching gRPC status (INVALID_ARGUMENT with BadRequest field
+violations, NOT_FOUND, UNAVAILABLE) for gRPC clients.
 """
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
 
 import grpc
 from optmon.v1 import stream_service_pb2
@@ -31,7 +30,7 @@ class StreamServicer:
 
     async def subscribe(
         self, request: stream_service_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
         """Server-streaming Subscribe; see stream_service.proto."""
         try:
             flt, rate = normalize(
@@ -42,13 +41,13 @@ class StreamServicer:
                 strike_steps=self.strike_steps,
             )
         except InvalidFilter as exc:
-            yield codec.error_message(0, "INVALID_ARGUMENT", "invalid subscription", exc.violations)
+            await context.write(codec.error_message(0, "INVALID_ARGUMENT", "invalid subscription", exc.violations))
             await context.abort_with_status(invalid_argument_status(exc.violations, "invalid subscription"))
             return
         try:
-            sub = await self.hub.subscribe(flt, rate, request.last_sequence)
+            sub = await self.hub.subscribe(flt, rate, request.last_sequence, context.write)
         except SnapshotError as exc:
-            yield codec.error_message(request.last_sequence, exc.code, exc.message)
+            await context.write(codec.error_message(request.last_sequence, exc.code, exc.message))
             if exc.code == "NOT_FOUND":
                 status = not_found_status(NotFound("UNKNOWN_EXPIRY", exc.message, underlying=flt.underlying))
             elif exc.code == "INVALID_ARGUMENT":
@@ -58,8 +57,7 @@ class StreamServicer:
             await context.abort_with_status(status)
             return
         try:
-            async for chunk in sub.messages():
-                yield chunk
+            await sub.run()
         finally:
             self.hub.unsubscribe(sub)
 

@@ -108,6 +108,14 @@ class Book:
         #: Projections of the current bars, per (expiry, strike) and indicator set, shared by groups.
         self._proj: dict[tuple[str, float], dict[tuple[int, ...], Bar]] = {}
 
+    def wanted_expiries(self) -> set[str]:
+        """Expiries whose bars the book keeps: the seeded ones (explicit, and the resolved default ones). Bars of
+        other expiries can be skipped: a group asking for one later seeds it from a snapshot first."""
+        out = set(self.seeded)
+        out.update(self.default_expiries)
+        out.discard("")
+        return out
+
     def _put(self, expiry: str, bar: Bar) -> bool:
         d = self.bars.get(expiry)
         if d is None:

@@ -8,6 +8,7 @@ On a Redis error it reconnects with exponential backoff (0.1 s → 5 s), restart
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from services.stream import metrics
 from services.stream.codec import BarUpdateIn, bar_update_from_bytes
 
 log = get_logger("stream.bars")
+
+_UPDATE_SECONDS = metrics.UPDATE_SECONDS
 
 
 def bars_key(underlying: str) -> str:
@@ -91,6 +94,7 @@ class BarConsumer:
                     resp = await r.xread({self.key: self.last_id}, count=self.batch, block=self.block_ms)
                     for _key, entries in resp or ():
                         for entry_id, fields in entries:
+                            t_read = time.perf_counter()
                             self.last_id = entry_id.decode()
                             payload = fields.get(b"pb")
                             if payload is None:
@@ -102,6 +106,7 @@ class BarConsumer:
                                 log.warning("bar_update.undecodable", id=self.last_id)
                                 continue
                             await self.on_update(upd)
+                            _UPDATE_SECONDS.observe(time.perf_counter() - t_read)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
