@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from optmon.v1 import market_pb2, query_service_pb2, stream_service_pb2
 
 from services.common.wire import varint
-from services.stream.domain.fixed import LEG_SCALES, fixed_change
+from services.stream.domain.fixed import pack_leg
 from services.stream.domain.model import LEG_FIELDS, Bar, Leg
 from services.stream.domain.window import DeltaUpdate, Distribution, ExpiryBars, StrikeChange
 
@@ -160,9 +160,18 @@ def _zigzag(n: int) -> bytes:
     return varint(n << 1 if n >= 0 else (-n << 1) - 1)
 
 
+#: ZigZag varints of -8192..8191 (one or two bytes: most fixed-point changes and strike offsets).
+_ZZ_MIN = -8192
+_ZZ = tuple(_zigzag(n) for n in range(_ZZ_MIN, -_ZZ_MIN))
+
+
+def _zigzags(values: list[int]) -> bytes:
+    t, lo = _ZZ, _ZZ_MIN
+    return b"".join([t[v - lo] if lo <= v < -lo else _zigzag(v) for v in values])
+
+
 #: FixedPointChanges.fields bits: ATM moved, first call field, first put field.
 _MOVED, _CALL_BIT, _PUT_BIT = 1, 1, 1 + len(LEG_FIELDS)
-_SCALED = tuple(enumerate(LEG_SCALES))
 
 
 def _change_parts(c: StrikeChange, bucket_time: int, price: float, atm: float, step: float
@@ -170,9 +179,10 @@ def _change_parts(c: StrikeChange, bucket_time: int, price: float, atm: float, s
     """(``bars`` entry, ``changes`` offset, fields, values) of one strike; b"" where the strike has none.
 
     A held strike goes into ``changes`` when it is on the strike grid (``atm + k × step == strike``) with the
-    fields whose held and new values are on the fixed-point grid; what is left (other fields, a bucket_time /
-    underlying_close different from the Delta's, an ATM move that ``changes`` cannot express) goes into a
-    ``bars`` entry. Entering / replaced strikes (``full``) and strikes off the strike grid go into ``bars`` whole.
+    fields whose held and new values are on the fixed-point grid (:func:`services.stream.domain.fixed.pack_leg`);
+    what is left (other fields, a bucket_time / underlying_close different from the Delta's, an ATM move that
+    ``changes`` cannot express) goes into a ``bars`` entry. Entering / replaced strikes (``full``) and strikes off
+    the strike grid go into ``bars`` whole.
     """
     if c.full or not step:
         return _ld(3, _change_pb(c, bucket_time, price).SerializeToString()), b"", b"", b""
@@ -183,26 +193,17 @@ def _change_parts(c: StrikeChange, bucket_time: int, price: float, atm: float, s
     moved = c.atm_strike is not None
     moved_fixed = moved and c.atm_strike == atm and c.moneyness_level == k
     mask = _MOVED if moved_fixed else 0
-    values: list[bytes] = []
-    rest: list[list[float | int | None] | None] = [None, None]
-    for side, leg, held, bit in ((0, c.call, c.call_held, _CALL_BIT), (1, c.put, c.put_held, _PUT_BIT)):
-        if leg is None:
-            continue
-        for i, scale in _SCALED:
-            v = leg[i]
-            if v is None:
-                continue
-            ch = fixed_change(held[i], v, scale) if held is not None else None
-            if ch is None:
-                r = rest[side]
-                if r is None:
-                    r = rest[side] = list(_NONE_LEG)
-                r[i] = v
-            else:
-                mask |= 1 << (bit + i)
-                values.append(_zigzag(ch))
+    values: list[int] = []
+    rest_call = rest_put = None
+    if c.call is not None:
+        m, values, rest_call = pack_leg(c.call, c.call_held)
+        mask |= m << _CALL_BIT
+    if c.put is not None:
+        m, v, rest_put = pack_leg(c.put, c.put_held)
+        mask |= m << _PUT_BIT
+        values += v
     bar = b""
-    if rest[0] is not None or rest[1] is not None or not header or (moved and not moved_fixed):
+    if rest_call is not None or rest_put is not None or not header or (moved and not moved_fixed):
         pb = market_pb2.StrikeBar(strike=c.strike)
         if c.bucket_time != bucket_time:
             pb.bucket_time.seconds = c.bucket_time
@@ -211,13 +212,13 @@ def _change_parts(c: StrikeChange, bucket_time: int, price: float, atm: float, s
         if moved and not moved_fixed:
             pb.atm_strike = c.atm_strike  # type: ignore[assignment]
             pb.moneyness_level = c.moneyness_level or 0
-        if rest[0] is not None:
-            _fill_leg(pb.call, rest[0])
-        if rest[1] is not None:
-            _fill_leg(pb.put, rest[1])
+        if rest_call is not None:
+            _fill_leg(pb.call, rest_call)
+        if rest_put is not None:
+            _fill_leg(pb.put, rest_put)
         bar = _ld(3, pb.SerializeToString())
     if mask or (header and not bar):  # mask 0: the bar only takes the Delta's bucket_time and underlying_price
-        return bar, _zigzag(k), varint(mask), b"".join(values)
+        return bar, _zigzags([k]), varint(mask), _zigzags(values)
     return bar, b"", b"", b""
 
 

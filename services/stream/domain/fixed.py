@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from services.stream.domain.model import LEG_FIELDS
+from services.stream.domain.model import LEG_FIELDS, Leg
 
 #: Grid units per unit of each LEG_FIELDS entry (None = never sent in fixed point): ltp/open/high/low 20 (₹0.05
 #: ticks), iv 100 (0.01 %), delta 1e4, gamma 1e6, theta 1e4 (₹0.0001 per day), vega 1e4 (₹0.0001 per IV point),
@@ -70,3 +70,53 @@ def apply_change(held: float | int, change: int, scale: int) -> float | int:
     if scale == 1:
         return int(held) + change
     return (round(held * scale) + change) / scale
+
+
+#: LEG_SCALES with their LEG_FIELDS index, for the fixed-point fields only.
+_SCALED: tuple[tuple[int, int], ...] = tuple((i, s) for i, s in enumerate(LEG_SCALES) if s is not None)
+_UNSCALED: tuple[int, ...] = tuple(i for i, s in enumerate(LEG_SCALES) if s is None)
+_N = len(LEG_FIELDS)
+_NONE: Leg = (None,) * _N
+
+
+def pack_leg(new: Leg, held: Leg | None) -> tuple[int, list[int], list[float | int | None] | None]:
+    """Split one leg's changed values (``new``: None = unchanged) into fixed-point changes and the rest.
+
+    ``held``: the client's values of those fields (None where it has none). Returns ``(mask, changes, rest)``: bit
+    ``i`` of ``mask`` set for each LEG_FIELDS entry sent as a fixed-point change, ``changes`` in field order, and
+    ``rest`` a leg of the values that must travel as they are (None when there are none). Same rule as
+    :func:`fixed_change`, inlined (the codec calls this for every changed leg of every update; tested equal).
+    """
+    if held is None:
+        held = _NONE
+    mask = 0
+    changes: list[int] = []
+    rest: list[float | int | None] | None = None
+    lim, clim, rnd, sign = _LIMIT, _CHANGE_LIMIT, round, math.copysign
+    for i, scale in _SCALED:
+        v = new[i]
+        if v is None:
+            continue
+        h = held[i]
+        if h is not None:
+            x = v * scale
+            y = h * scale
+            if -lim < x < lim and -lim < y < lim:
+                b = rnd(x)
+                a = rnd(y)
+                c = b - a
+                if (b / scale == v and a / scale == h and -clim < c < clim
+                        and (b or sign(1.0, v) > 0) and (a or sign(1.0, h) > 0)):
+                    mask |= 1 << i
+                    changes.append(c)
+                    continue
+        if rest is None:
+            rest = [None] * _N
+        rest[i] = v
+    for i in _UNSCALED:
+        v = new[i]
+        if v is not None:
+            if rest is None:
+                rest = [None] * _N
+            rest[i] = v
+    return mask, changes, rest
