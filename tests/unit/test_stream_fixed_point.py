@@ -21,7 +21,7 @@ from services.common.settings import DEFAULT_STRIKE_STEPS
 from services.stream import codec
 from services.stream.domain.conflation import merge
 from services.stream.domain.filters import normalize
-from services.stream.domain.fixed import LEG_SCALES, apply_change, fixed_change, on_grid
+from services.stream.domain.fixed import LEG_SCALES, apply_change, fixed_change, on_grid, pack_leg
 from services.stream.domain.model import LEG_FIELDS, Bar
 from services.stream.domain.window import Book, DeltaUpdate, GroupView
 from services.stream.testing import ReferenceClient
@@ -89,6 +89,31 @@ def test_change_limits() -> None:
     assert fixed_change(None, 5, 1) is None  # nothing held
     assert fixed_change(1.0, 2.0, None) is None  # oi_change_percent: never in fixed point
     assert on_grid(24_212.85, 20) == 484_257 and on_grid(75.38, 100) == 7538 and on_grid(2e-06, 1_000_000) == 2
+
+
+def test_pack_leg_follows_fixed_change_field_by_field() -> None:
+    rnd = random.Random(7)
+    pool: list[float | int | None] = [None, -0.0, 0.0, math.nan, 1 / 3, 2**40, 2**50, 1e300, 7, -12]
+
+    def value(i: int) -> float | int | None:
+        scale = LEG_SCALES[i] or 100
+        if rnd.random() < 0.3:
+            return rnd.choice(pool)
+        n = rnd.randrange(-10**6, 10**6)
+        return n if scale == 1 else n / scale
+
+    for _ in range(3000):
+        new = tuple(value(i) for i in range(len(LEG_FIELDS)))
+        held = tuple(value(i) for i in range(len(LEG_FIELDS)))
+        mask, changes, rest = pack_leg(new, held)
+        want_changes = []
+        for i, (v, h) in enumerate(zip(new, held, strict=True)):
+            ch = fixed_change(h, v, LEG_SCALES[i]) if v is not None else None
+            assert bool(mask >> i & 1) == (ch is not None), (LEG_FIELDS[i], v, h)
+            if ch is not None:
+                want_changes.append(ch)
+            assert (rest[i] if rest else None) is (v if ch is None else None), (LEG_FIELDS[i], v, h)
+        assert changes == want_changes
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 follows each expiry's ATM (or stays on an explicit strike range), and the deltas between successive views.
 
 Delta semantics (documented for clients in docs/stream.md): per expiry, first drop ``removed`` strikes, then for each
-change: a strike not held is inserted whole; a held strike gets the fields present in the change. A change with
-``full=True`` for a strike the client may hold is also listed in ``removed`` (a replacement), so the client never
-keeps a value the server no longer has.
+change: a strike not held is inserted whole; a held strike gets the fields present in the change (the codec sends
+them as fixed-point changes relative to the held values it records, or as doubles). A change with ``full=True`` for
+a strike the client may hold is also listed in ``removed`` (a replacement), so the client never keeps a value the
+server no longer has.
 """
 
 from __future__ import annotations
