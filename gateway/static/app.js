@@ -143,16 +143,55 @@
     if (!state.focus || !state.dist.has(state.focus)) state.focus = (d.expiries && d.expiries[0] && d.expiries[0].expiry) || "";
   }
 
+  // FixedPointChanges (docs/stream.md, "Applying a Delta"): OptionLeg fields by number − 1, and their scales
+  // (grid units per unit: ₹0.05 ticks, 0.01 % IV, 1e-4 delta/theta/vega, 1e-6 gamma, contracts; 0 = never sent so).
+  const LEG_FIELDS = ["ltp", "open", "high", "low", "iv", "delta", "gamma", "theta", "vega", "oi", "oi_change",
+                      "oi_change_percent", "volume"];
+  const LEG_SCALES = [20, 20, 20, 20, 100, 1e4, 1e6, 1e4, 1e4, 1, 1, 0, 1];
+  const PUT_BIT = 1 + LEG_FIELDS.length;
+
+  /** Apply an ExpiryDelta's fixed-point changes to held strikes; returns the bars changed, or null when a change
+   *  names a strike or value that is not held (the state is then unknown: the caller resubscribes). */
+  function applyChanges(ex, e, step) {
+    const c = e.changes;
+    const out = [];
+    if (!c) return out;
+    const atm = num(e.atm_strike) || 0;
+    const offsets = c.offsets || [], fields = c.fields || [], values = c.values || [];
+    let j = 0;
+    for (let k = 0; k < offsets.length; k++) {
+      const cur = ex.bars.get(atm + offsets[k] * step);
+      if (!cur) return null;
+      const mask = fields[k] || 0;
+      for (let b = 1; b < PUT_BIT + LEG_FIELDS.length; b++) {
+        if (!(mask & (1 << b))) continue;
+        const i = b < PUT_BIT ? b - 1 : b - PUT_BIT;
+        const leg = b < PUT_BIT ? cur.call : cur.put;
+        const s = LEG_SCALES[i], f = LEG_FIELDS[i], held = leg ? num(leg[f]) : null;
+        if (held === null || !s || j >= values.length) return null;
+        // exact: held × s is an integer up to rounding error, and IEEE division is correctly rounded
+        leg[f] = s === 1 ? held + values[j] : (Math.round(held * s) + values[j]) / s;
+        j++;
+      }
+      out.push(cur);
+    }
+    return out;
+  }
+
   function applyDelta(d) {
     if (num(d.underlying_price)) state.price = num(d.underlying_price);
     const newBucket = d.bucket_time && d.bucket_time !== state.bucket;
     if (d.bucket_time) state.bucket = d.bucket_time;
     const changed = [];
+    let consistent = true;
     for (const e of d.expiries || []) {
       let ex = state.dist.get(e.expiry);
       if (!ex) { ex = { atm: null, bars: new Map() }; state.dist.set(e.expiry, ex); }
       if (num(e.atm_strike)) ex.atm = num(e.atm_strike);
       for (const s of e.removed_strikes || []) ex.bars.delete(num(s));
+      const fixed = applyChanges(ex, e, num(d.strike_step) || 0);
+      if (fixed === null) consistent = false;
+      else if (e.expiry === state.focus) changed.push(...fixed);
       for (const b of e.bars || []) {
         const k = num(b.strike);
         const cur = ex.bars.get(k) || { strike: k, call: null, put: null };
@@ -163,7 +202,7 @@
         if (e.expiry === state.focus) changed.push(cur);
       }
     }
-    return { changed, newBucket };
+    return { changed, newBucket, consistent };
   }
 
   function renderHeader() {
@@ -396,7 +435,8 @@
       if (state.chainBucket && state.bucket !== state.chainBucket) scheduleRefresh();
     } else if (m.delta) {
       state.lastSeq = seq;
-      const { changed, newBucket } = applyDelta(m.delta);
+      const { changed, newBucket, consistent } = applyDelta(m.delta);
+      if (!consistent) { if (es) { es.close(); es = null; } reconnect("delta does not match the held state"); return; }
       renderHeader(); renderStrikes(); patchChain(changed);
       if (newBucket) scheduleRefresh();
     }

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 def varint(n: int) -> bytes:
     """Base-128 varint encoding of a non-negative integer (ValueError for a negative one)."""
-    if n < 0:
-        raise ValueError("varint of a negative number")
+    if n < 0x80:
+        if n < 0:
+            raise ValueError("varint of a negative number")
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -17,3 +21,6 @@ def varint(n: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))

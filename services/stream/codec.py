@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from optmon.v1 import market_pb2, query_service_pb2, stream_service_pb2
 
 from services.common.wire import varint
+from services.stream.domain.fixed import pack_leg
 from services.stream.domain.model import LEG_FIELDS, Bar, Leg
 from services.stream.domain.window import DeltaUpdate, Distribution, ExpiryBars, StrikeChange
 
@@ -89,7 +90,7 @@ def distribution_from_pb(resp: query_service_pb2.GetStrikeDistributionResponse) 
     )
 
 
-def _fill_leg(pb: market_pb2.OptionLeg, leg: Leg) -> None:
+def _fill_leg(pb: market_pb2.OptionLeg, leg: Sequence[float | int | None]) -> None:
     pb.SetInParent()
     for name, v in zip(LEG_FIELDS, leg, strict=True):
         if v is not None:
@@ -139,26 +140,12 @@ def snapshot_body(dist: Distribution) -> bytes:
 
 
 def delta_to_pb(delta: DeltaUpdate) -> stream_service_pb2.Delta:
-    """A domain delta as a Delta message.
-
-    Per bar only ``strike`` is always present; ``bucket_time`` / ``underlying_close`` are left out when they equal
-    the Delta's (the client takes the Delta's then); ``atm_strike`` + ``moneyness_level`` are sent together when
-    either changed (``atm_strike`` present ⇒ ``moneyness_level`` is meaningful, even 0); leg fields only when
-    changed (whole bars: all selected fields). ``underlying``, ``expiry`` and ``timeframe`` are left out (known from
-    the ExpiryDelta and the subscription).
-    """
-    d = stream_service_pb2.Delta(underlying_price=delta.underlying_price, conflated=delta.conflated)
-    d.bucket_time.seconds = delta.bucket_time
-    for e in delta.expiries:
-        pe = d.expiries.add(expiry=e.expiry, atm_strike=e.atm_strike)
-        if e.removed:
-            pe.removed_strikes.extend(sorted(e.removed))
-        for s in sorted(e.bars):
-            pe.bars.append(_change_pb(e.bars[s], delta.bucket_time, delta.underlying_price))
-    return d
+    """A domain delta as a Delta message (the bytes :func:`delta_body` writes, parsed; see there)."""
+    return stream_service_pb2.Delta.FromString(_delta_bytes(delta, cache=False))
 
 
 def _change_pb(c: StrikeChange, bucket_time: int, price: float) -> market_pb2.StrikeBar:
+    """A change as a StrikeBar entry of ``ExpiryDelta.bars``, every changed value as a double / int64."""
     pb = market_pb2.StrikeBar(strike=c.strike)
     if c.bucket_time != bucket_time:
         pb.bucket_time.seconds = c.bucket_time
@@ -179,6 +166,73 @@ def _ld(field: int, data: bytes) -> bytes:
     return varint(field << 3 | 2) + varint(len(data)) + data
 
 
+def _zigzag(n: int) -> bytes:
+    """A sint32 / sint64 value (ZigZag varint)."""
+    return varint(n << 1 if n >= 0 else (-n << 1) - 1)
+
+
+#: ZigZag varints of -8192..8191 (one or two bytes: most fixed-point changes and strike offsets).
+_ZZ_MIN = -8192
+_ZZ = tuple(_zigzag(n) for n in range(_ZZ_MIN, -_ZZ_MIN))
+
+
+def _zigzags(values: list[int]) -> bytes:
+    t, lo = _ZZ, _ZZ_MIN
+    return b"".join([t[v - lo] if lo <= v < -lo else _zigzag(v) for v in values])
+
+
+#: FixedPointChanges.fields bits: ATM moved, first call field, first put field.
+_MOVED, _CALL_BIT, _PUT_BIT = 1, 1, 1 + len(LEG_FIELDS)
+
+
+def _change_parts(c: StrikeChange, bucket_time: int, price: float, atm: float, step: float
+                  ) -> tuple[bytes, bytes, bytes, bytes]:
+    """(``bars`` entry, ``changes`` offset, fields, values) of one strike; b"" where the strike has none.
+
+    A held strike goes into ``changes`` when it is on the strike grid (``atm + k × step == strike``) with the
+    fields whose held and new values are on the fixed-point grid (:func:`services.stream.domain.fixed.pack_leg`);
+    what is left (other fields, a bucket_time / underlying_close different from the Delta's, an ATM move that
+    ``changes`` cannot express) goes into a ``bars`` entry. Entering / replaced strikes (``full``) and strikes off
+    the strike grid go into ``bars`` whole.
+    """
+    if c.full or not step:
+        return _ld(3, _change_pb(c, bucket_time, price).SerializeToString()), b"", b"", b""
+    k = round((c.strike - atm) / step)
+    if atm + k * step != c.strike or not -2**31 < k < 2**31:
+        return _ld(3, _change_pb(c, bucket_time, price).SerializeToString()), b"", b"", b""
+    header = c.bucket_time == bucket_time and c.underlying_close == price
+    moved = c.atm_strike is not None
+    moved_fixed = moved and c.atm_strike == atm and c.moneyness_level == k
+    mask = _MOVED if moved_fixed else 0
+    values: list[int] = []
+    rest_call = rest_put = None
+    if c.call is not None:
+        m, values, rest_call = pack_leg(c.call, c.call_held)
+        mask |= m << _CALL_BIT
+    if c.put is not None:
+        m, v, rest_put = pack_leg(c.put, c.put_held)
+        mask |= m << _PUT_BIT
+        values += v
+    bar = b""
+    if rest_call is not None or rest_put is not None or not header or (moved and not moved_fixed):
+        pb = market_pb2.StrikeBar(strike=c.strike)
+        if c.bucket_time != bucket_time:
+            pb.bucket_time.seconds = c.bucket_time
+        if c.underlying_close != price:
+            pb.underlying_close = c.underlying_close
+        if moved and not moved_fixed:
+            pb.atm_strike = c.atm_strike  # type: ignore[assignment]
+            pb.moneyness_level = c.moneyness_level or 0
+        if rest_call is not None:
+            _fill_leg(pb.call, rest_call)
+        if rest_put is not None:
+            _fill_leg(pb.put, rest_put)
+        bar = _ld(3, pb.SerializeToString())
+    if mask or (header and not bar):  # mask 0: the bar only takes the Delta's bucket_time and underlying_price
+        return bar, _zigzags([k]), varint(mask), _zigzags(values)
+    return bar, b"", b"", b""
+
+
 def _ts_bytes(seconds: int, nanos: int = 0) -> bytes:
     out = b""
     if seconds:
@@ -193,37 +247,58 @@ def _now_bytes() -> bytes:
     return _ts_bytes(sec, nanos)
 
 
-def delta_body(delta: DeltaUpdate, shared: bool = True) -> bytes:
-    """A SubscribeResponse body (no sequence) carrying the delta, send_time now.
+def _delta_bytes(delta: DeltaUpdate, cache: bool) -> bytes:
+    """The encoded ``Delta``, written field by field (the bytes protobuf would produce, up to field order).
 
-    ``shared``: the delta's StrikeChanges come from one update (same bucket and price for every group), so each
-    change's encoded bytes are cached on it and reused by every group that includes it; the message around them is
-    written field by field (same bytes protobuf would produce, up to field order). Conflated deltas pass False.
+    Per expiry: ``bars`` entries and ``changes`` columns in strike order (see :func:`_change_parts`),
+    ``removed_strikes`` ascending. ``cache``: store each change's parts on it and reuse them (one update's changes
+    are shared by every group with the same indicators and mean the same bytes for all of them).
     """
-    if not shared:
-        msg = stream_service_pb2.SubscribeResponse()
-        _now(msg.send_time)
-        msg.delta.CopyFrom(delta_to_pb(delta))
-        return msg.SerializeToString()
-    bt, price = delta.bucket_time, delta.underlying_price
+    bt, price, step = delta.bucket_time, delta.underlying_price, delta.strike_step
     parts = [_ld(1, _ts_bytes(bt)), b"\x11" + _DOUBLE.pack(price)]
+    any_changes = False
     for e in delta.expiries:
-        ep = [_ld(1, e.expiry.encode()), b"\x11" + _DOUBLE.pack(e.atm_strike)]
+        atm = e.atm_strike
+        ep = [_ld(1, e.expiry.encode()), b"\x11" + _DOUBLE.pack(atm)]
+        offsets: list[bytes] = []
+        fields: list[bytes] = []
+        values: list[bytes] = []
         for s in sorted(e.bars):
             c = e.bars[s]
-            w = c.wire
+            w = c.wire if cache else None
             if w is None:
-                w = c.wire = _ld(3, _change_pb(c, bt, price).SerializeToString())
-            ep.append(w)
+                w = _change_parts(c, bt, price, atm, step)
+                if cache:
+                    c.wire = w
+            if w[0]:
+                ep.append(w[0])
+            if w[1]:
+                offsets.append(w[1])
+                fields.append(w[2])
+                values.append(w[3])
         if e.removed:
             rs = sorted(e.removed)
             ep.append(_ld(4, struct.pack(f"<{len(rs)}d", *rs)))
+        if offsets:
+            any_changes = True
+            v = b"".join(values)
+            ep.append(_ld(5, _ld(1, b"".join(offsets)) + _ld(2, b"".join(fields)) + (_ld(3, v) if v else b"")))
         parts.append(_ld(3, b"".join(ep)))
     if delta.conflated:
         parts.append(b"\x20" + varint(delta.conflated))
-    return _ld(2, _now_bytes()) + _ld(4, b"".join(parts))
+    if any_changes:
+        parts.append(b"\x29" + _DOUBLE.pack(step))
+    return b"".join(parts)
 
 
+def delta_body(delta: DeltaUpdate, shared: bool = True) -> bytes:
+    """A SubscribeResponse body (no sequence) carrying the delta, send_time now.
+
+    ``shared``: the delta's StrikeChanges come from one update (same bucket, price and ATM for every group), so
+    each change's encoded parts are cached on it and reused by every group that includes it. Conflated deltas
+    pass False (their changes are relative to another bucket and price).
+    """
+    return _ld(2, _now_bytes()) + _ld(4, _delta_bytes(delta, cache=shared))
 
 
 def sequence_prefix(seq: int) -> bytes:

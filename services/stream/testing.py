@@ -18,6 +18,7 @@ from optmon.v1 import market_pb2, query_service_pb2, query_service_pb2_grpc, str
 
 from services.common.domain.moneyness import atm_strike, moneyness_level
 from services.common.errors import NotFound, not_found_status
+from services.stream.domain.fixed import LEG_SCALES, apply_change
 from services.stream.domain.model import LEG_FIELDS, field_mask
 from services.stream.store.bars import bars_key
 
@@ -160,11 +161,34 @@ def synthetic_chain(underlying: str, expiries: list[str], strikes: list[float], 
     return out
 
 
+def apply_fixed_changes(held: dict[float, market_pb2.StrikeBar], atm: float, step: float,
+                        changes: stream_service_pb2.FixedPointChanges, bucket_time: int, price: float) -> None:
+    """Apply one ExpiryDelta's ``changes`` to the held bars of its expiry (``atm``: the ExpiryDelta's atm_strike,
+    ``step``: the Delta's strike_step, index points; ``bucket_time`` UTC epoch s and ``price`` of the Delta).
+    Raises KeyError / ValueError when a change names a strike or a value the client does not hold."""
+    vals = iter(changes.values)
+    for off, mask in zip(changes.offsets, changes.fields, strict=True):
+        bar = held[atm + off * step]
+        bar.bucket_time.seconds = bucket_time
+        bar.underlying_close = price
+        if mask & 1:
+            bar.atm_strike, bar.moneyness_level = atm, off
+        for bit, leg in ((1, bar.call), (1 + len(LEG_FIELDS), bar.put)):
+            for i, (name, scale) in enumerate(zip(LEG_FIELDS, LEG_SCALES, strict=True)):
+                if mask >> (bit + i) & 1:
+                    if scale is None or not leg.HasField(name):
+                        raise ValueError(f"fixed-point change of {name} that is not held")
+                    setattr(leg, name, apply_change(getattr(leg, name), next(vals), scale))
+    if next(vals, None) is not None:
+        raise ValueError("more fixed-point values than fields")
+
+
 class ReferenceClient:
     """A subscriber's side, as docs/stream.md specifies it: holds the window per expiry and applies messages.
 
-    Snapshot: replace everything. Delta, per ExpiryDelta: drop ``removed_strikes``; then each bar is inserted whole
-    when its strike is not held, else merged (present fields win); a bar without ``bucket_time`` /
+    Snapshot: replace everything. Delta, per ExpiryDelta: drop ``removed_strikes``; apply ``changes`` (fixed-point
+    changes of held strikes, which also take the Delta's bucket_time and underlying_price); then each bar is inserted
+    whole when its strike is not held, else merged (present fields win); a bar without ``bucket_time`` /
     ``underlying_close`` takes the Delta's; ``atm_strike`` present ⇒ ``moneyness_level`` is set too.
     """
 
@@ -201,6 +225,9 @@ class ReferenceClient:
                 self.atm[e.expiry] = e.atm_strike
                 for s in e.removed_strikes:
                     held.pop(s, None)
+                if e.HasField("changes"):
+                    apply_fixed_changes(held, e.atm_strike, dl.strike_step, e.changes, dl.bucket_time.seconds,
+                                        dl.underlying_price)
                 for b in e.bars:
                     cur = held.get(b.strike)
                     if cur is None:

@@ -40,10 +40,24 @@ def _get_json(url: str) -> Any:
         return json.loads(r.read())
 
 
+#: The page's strike distribution (snapshot + deltas as app.js applied them): {expiry: {strike: {call, put}}}.
+HELD_DISTRIBUTION_JS = """(() => {
+  const out = {};
+  for (const [e, ex] of window.optmon.state.dist) {
+    const bars = {};
+    for (const [k, b] of ex.bars) bars[String(k)] = { call: b.call, put: b.put };
+    out[e] = bars;
+  }
+  return out;
+})()"""
+
+
 def check_dashboard(base_url: str, screenshot: Path, underlying: str = "NIFTY",
-                    on_live: Callable[[], None] | None = None, live_timeout_s: float = 60.0) -> dict[str, Any]:
+                    on_live: Callable[[], None] | None = None, live_timeout_s: float = 60.0,
+                    after_live_js: str | None = None) -> dict[str, Any]:
     """Run the checks of the module docstring; ``on_live`` is called once the page is live (e.g. to publish an
-    update). Returns {"ready_ms", "atm", "expiry", "ce_oi", "pe_oi", "ce_oi_after_live", "states"}."""
+    update); ``after_live_js`` (e.g. :data:`HELD_DISTRIBUTION_JS`) is evaluated once the live message arrived.
+    Returns {"ready_ms", "atm", "expiry", "ce_oi", "pe_oi", "ce_oi_after_live", "states", "after_live"}."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -84,11 +98,12 @@ def check_dashboard(base_url: str, screenshot: Path, underlying: str = "NIFTY",
             page.wait_for_function(f"window.optmon.state.lastSeq > {seq0}", timeout=live_timeout_s * 1000)
             assert page.get_attribute("#conn", "data-state") == "live"
             after = cell(f"ce-oi-{key}")
+            after_live = page.evaluate(after_live_js) if after_live_js else None
             page.wait_for_timeout(1200)  # let the 1 s "changed" flash fade before the screenshot
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
             assert not errors, errors
             return {"ready_ms": ready_ms, "atm": atm, "expiry": chain["expiry"], "ce_oi": ce_oi, "pe_oi": pe_oi,
-                    "ce_oi_after_live": after, "states": page.evaluate("window.__states")}
+                    "ce_oi_after_live": after, "states": page.evaluate("window.__states"), "after_live": after_live}
         finally:
             browser.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.json_format import ParseDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 from optmon.v1 import market_pb2
 from playwright.async_api import Browser, Page, async_playwright
 
@@ -33,10 +33,11 @@ from services.devstack.redis import free_port
 from services.query.server import create_server as create_query_server
 from services.query.server import stop_server as stop_query_server
 from services.query.settings import QuerySettings
+from services.stream.domain.fixed import on_grid
 from services.stream.server import create_server as create_stream_server
 from services.stream.settings import StreamSettings
 from services.stream.testing import BarPublisher
-from tests.e2e.dashboard_check import CHROMIUM_ARGS, STATE_RECORDER, check_dashboard
+from tests.e2e.dashboard_check import CHROMIUM_ARGS, HELD_DISTRIBUTION_JS, STATE_RECORDER, check_dashboard
 from tests.integration.gateway_support import (
     gateway_config,
     http_request,
@@ -94,6 +95,10 @@ async def test_dashboard_real_data(browser: Browser, bars_dsn: str, redis_url: s
         bar = ParseDict(next(b for b in dist["expiries"][0]["bars"] if b["strike"] == atm), market_pb2.StrikeBar())
         new_oi = bar.call.oi + 12_345
         bar.call.oi = new_oi
+        # LTP and IV move too (on NSE's grid: the stream sends them as fixed-point changes the page applies)
+        bar.call.ltp, bar.call.iv = round(bar.call.ltp + 1.05, 2), round(bar.call.iv + 0.37, 2)
+        bar.put.ltp = round(bar.put.ltp - 0.5, 2)
+        assert all(on_grid(v, s) is not None for v, s in ((bar.call.ltp, 20), (bar.call.iv, 100), (bar.put.ltp, 20)))
         loop = asyncio.get_running_loop()
 
         def publish() -> None:
@@ -102,9 +107,19 @@ async def test_dashboard_real_data(browser: Browser, bars_dsn: str, redis_url: s
                 loop).result(10)
 
         report = await asyncio.to_thread(check_dashboard, env.url, ARTIFACTS / "dashboard-inprocess.png", "NIFTY",
-                                         publish, 15)
+                                         publish, 15, HELD_DISTRIBUTION_JS)
         assert report["atm"] == atm and report["expiry"] == chain["expiry"]
         assert report["ce_oi_after_live"] == new_oi, report
+        # what the page holds after applying the delta in the browser = the bars it was built from, value for value
+        shown = report["after_live"][chain["expiry"]]
+        want = {b["strike"]: b for b in dist["expiries"][0]["bars"]}
+        want[atm] = MessageToDict(bar, preserving_proto_field_name=True)
+        assert sorted(float(k) for k in shown) == sorted(want)
+        for s, b in want.items():
+            for side in ("call", "put"):
+                got = shown[f"{s:g}"][side] or {}
+                assert {f: float(v) for f, v in got.items()} == {f: float(v) for f, v in b.get(side, {}).items()}, (
+                    s, side, got, b.get(side))
         assert report["states"][0] == "connecting" and report["states"][-1] == "live", report
         (ARTIFACTS / "dashboard-inprocess.json").write_text(json.dumps(report))
     finally:

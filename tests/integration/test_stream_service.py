@@ -15,6 +15,7 @@ from optmon.v1 import query_service_pb2, stream_service_pb2, stream_service_pb2_
 from prometheus_client import REGISTRY
 
 from services.common.settings import DEFAULT_STRIKE_STEPS
+from services.stream.domain.model import LEG_FIELDS
 from services.stream.server import create_server
 from services.stream.settings import StreamSettings
 from services.stream.testing import BarPublisher, ReferenceClient, StubQueryServicer, start_stub_query, synthetic_chain
@@ -136,11 +137,16 @@ async def test_filter_exactness(stack: Stack) -> None:
     delta = last_delta(r)
     assert delta.sequence == 2
     assert [e.expiry for e in delta.delta.expiries] == ["2026-08-25"]
+    allowed = 1 | sum(1 << (bit + LEG_FIELDS.index(f)) for bit in (1, 1 + len(LEG_FIELDS)) for f in ("iv", "oi"))
     for e in delta.delta.expiries:
         for b in e.bars:
             assert 24100 <= b.strike <= 24300
             fields = {f.name for f, _ in b.call.ListFields()} | {f.name for f, _ in b.put.ListFields()}
             assert fields <= {"iv", "oi"}
+        # the changed IV / OI of held strikes travel as fixed-point changes (only those fields' bits)
+        assert len(e.changes.offsets) == len(e.changes.fields) > 0
+        assert all(e.atm_strike + o * delta.delta.strike_step in r.client.state[e.expiry] for o in e.changes.offsets)
+        assert all(m & ~allowed == 0 for m in e.changes.fields), list(e.changes.fields)
     assert r.client.distribution() == expected(stack, req, ["2026-08-25"])
     r.cancel()
 

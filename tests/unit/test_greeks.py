@@ -96,7 +96,7 @@ def _assert_close(ours: np.ndarray, ref: np.ndarray, name: str) -> None:
 
 def test_bsm_greeks_match_vollib_analytical_units() -> None:
     strike, t, sigma, call = _grid()
-    ours = g.greeks(SPOT, strike, t, sigma, call, R, Q)
+    ours = g.greeks(SPOT, strike, t, sigma, call, R, Q, published_precision=False)
     for name in GREEK_NAMES:
         fn = getattr(v_bsm_greeks, name)
         ref = np.array([fn(_flag(c), SPOT, k, tt, R, s, Q) for k, tt, s, c in zip(strike, t, sigma, call, strict=True)])
@@ -106,7 +106,7 @@ def test_bsm_greeks_match_vollib_analytical_units() -> None:
 def test_black76_greeks_match_vollib_analytical_units() -> None:
     strike, t, sigma, call = _grid()
     fut = SPOT * np.exp(R * t) * 1.001
-    ours = g.greeks(np.nan, strike, t, sigma, call, R, 0.0, futures=fut)
+    ours = g.greeks(np.nan, strike, t, sigma, call, R, 0.0, futures=fut, published_precision=False)
     for name in GREEK_NAMES:
         fn = getattr(v_black_greeks, name)
         ref = np.array(
@@ -119,7 +119,7 @@ def test_units_theta_per_calendar_day_and_vega_per_vol_point() -> None:
     """Finite differences in the units the docstrings promise: vega = ΔV per +1 IV point, theta = ΔV per day."""
     k, t, s = 24_200.0, 20 / 365, 0.18
     for call in (True, False):
-        out = g.greeks(SPOT, k, t, s, call, R, Q)
+        out = g.greeks(SPOT, k, t, s, call, R, Q, published_precision=False)
         up = g.option_price(SPOT, k, t, s + 0.005, call, R, Q)
         dn = g.option_price(SPOT, k, t, s - 0.005, call, R, Q)
         assert float(out["vega"]) == pytest.approx(float(up - dn), rel=1e-4)
@@ -184,7 +184,8 @@ def test_vectorized_100k_contracts_round_trip() -> None:
     call = rng.random(n) < 0.5
     fut = np.where(rng.random(n) < 0.3, spot * np.exp(R * t), np.nan)  # 30 % of rows priced on futures
     price = g.option_price(spot, strike, t, sigma, call, R, Q, futures=fut)
-    iv_pct, delta, gamma, theta, vega = g.compute_iv_and_greeks(price, spot, strike, t, call, R, Q, fut)
+    iv_pct, delta, gamma, theta, vega = g.compute_iv_and_greeks(price, spot, strike, t, call, R, Q, fut,
+                                                                published_precision=False)
     for a in (iv_pct, delta, gamma, theta, vega):
         assert a.shape == (n,) and a.dtype == np.float64
     w = np.where(call, 1.0, -1.0)
@@ -257,3 +258,35 @@ def test_results_do_not_depend_on_the_batch() -> None:
         for a, b, c in zip(whole, alone, small, strict=True):
             np.testing.assert_array_equal(a[i : i + 1], b)
             np.testing.assert_array_equal(a[i : i + 1], c[i - lo : i - lo + 1])
+
+
+def test_published_precision_by_default() -> None:
+    """What ingest stores: the exact values (tested above) rounded to NSE's decimals, each the float64 nearest its
+    decimal (so the stream can send it as a fixed-point change), −0.0 as 0.0, NaN kept."""
+    rng = np.random.default_rng(18)
+    n = 20_000
+    strike = np.round(SPOT * rng.uniform(0.85, 1.15, n) / 50.0) * 50.0
+    t = rng.uniform(60.0, 60 * 86_400.0, n) / g.SECONDS_PER_YEAR
+    call = rng.random(n) < 0.5
+    price = g.option_price(SPOT, strike, t, rng.uniform(0.08, 0.6, n), call, R, 0.0)
+    ltp = np.maximum(np.round(price / 0.05), 1) * 0.05
+    ltp[:50] = 1.0  # some below intrinsic: NaN
+    exact = g.compute_iv_and_greeks(ltp, SPOT, strike, t, call, R, 0.0, published_precision=False)
+    shown = g.compute_iv_and_greeks(ltp, SPOT, strike, t, call, R, 0.0)
+    sigma = exact[0] / 100.0
+    exact_g = g.greeks(SPOT, strike, t, sigma, call, R, 0.0, published_precision=False)
+    shown_g = g.greeks(SPOT, strike, t, sigma, call, R, 0.0)
+    names = ("iv_percent", "delta", "gamma", "theta", "vega")
+    pairs = list(zip(names, exact, shown, strict=True)) + [(k, exact_g[k], shown_g[k]) for k in GREEK_NAMES]
+    for name, a, b in pairs:
+        d = g.PUBLISHED_DECIMALS[name]
+        assert np.isnan(a).any() and np.array_equal(np.isnan(a), np.isnan(b)), name
+        ok = ~np.isnan(a)
+        assert np.max(np.abs(a[ok] - b[ok])) <= 0.5 * 10.0**-d * (1 + 1e-9), name
+        assert all(round(v * 10**d) / 10**d == v for v in b[ok].tolist()), name
+        assert not np.signbit(b[ok][b[ok] == 0.0]).any(), name
+    # a deep OTM put's delta (≈ −1e-16) rounds to 0.0, not −0.0
+    far = g.greeks(SPOT, 0.93 * SPOT, 2 / 365, 0.12, False, R, 0.0)
+    exact_far = g.greeks(SPOT, 0.93 * SPOT, 2 / 365, 0.12, False, R, 0.0, published_precision=False)
+    assert -1e-6 < float(exact_far["delta"]) < 0.0
+    assert float(far["delta"]) == 0.0 and not np.signbit(far["delta"])

@@ -87,9 +87,17 @@ def test_delta_carries_only_changed_fields() -> None:
     d = view.apply(book, touched)
     assert d is not None
     msg = codec.delta_to_pb(d)
-    bar = msg.expiries[0].bars[0]
-    assert [f.name for f, _ in bar.ListFields()] == ["strike", "call"]
-    assert [f.name for f, _ in bar.call.ListFields()] == ["oi"]
+    (e,) = msg.expiries
+    assert not e.bars  # nothing as doubles: the OI change travels in fixed point
+    assert list(e.changes.offsets) == [0] and list(e.changes.fields) == [1 << (1 + 9)] and list(e.changes.values) == [6]
+    leg[4] = 1 / 3  # an IV off the 0.01 % grid: a double in a StrikeBar with only that field
+    touched = book.apply([(E, Bar(24500.0, 60, 24510.0, 0, 24500.0, tuple(leg), None))], 60, 24510.0)
+    d = view.apply(book, touched)
+    assert d is not None
+    (e,) = codec.delta_to_pb(d).expiries
+    assert [f.name for f, _ in e.bars[0].ListFields()] == ["strike", "call"]
+    assert [f.name for f, _ in e.bars[0].call.ListFields()] == ["iv"]
+    assert not e.HasField("changes")
 
 
 def _resp(seq: int, body: bytes) -> stream_service_pb2.SubscribeResponse:

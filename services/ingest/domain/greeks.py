@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_DIVIDEND_YIELD",
     "DEFAULT_RATE",
     "MIN_T_SECONDS",
+    "PUBLISHED_DECIMALS",
     "SECONDS_PER_YEAR",
     "compute_iv_and_greeks",
     "expiry_close_epoch",
@@ -70,6 +71,12 @@ MIN_T_SECONDS: float = 60.0
 DEFAULT_RATE: float = 0.065
 #: Default dividend yield of the index (setting ``iv_dividend_yield``), decimal per year.
 DEFAULT_DIVIDEND_YIELD: float = 0.0
+
+#: Decimal places NSE publishes in its option chain: IV in percent to 0.01, delta/theta/vega to 1e-4, gamma to 1e-6.
+#: ``compute_iv_and_greeks`` and ``greeks`` round to them by default (``published_precision``): digits beyond are
+#: false precision (the inputs are ₹0.05 prices), and values on this decimal grid are what the stream sends as small
+#: fixed-point changes (docs/stream.md) instead of doubles.
+PUBLISHED_DECIMALS: dict[str, int] = {"iv_percent": 2, "delta": 4, "gamma": 6, "theta": 4, "vega": 4}
 
 #: Expiry instant: 15:30 IST = 10:00 UTC on the expiry date.
 _EXPIRY_UTC_HOUR = 10
@@ -459,8 +466,12 @@ def greeks(
     q: ArrayLike,
     *,
     futures: ArrayLike | None = None,
+    published_precision: bool = True,
 ) -> dict[str, F64]:
     """Analytical Greeks, elementwise; keys ``delta``, ``gamma``, ``theta``, ``vega`` (arrays of the broadcast shape).
+
+    ``published_precision`` (default): rounded to :data:`PUBLISHED_DECIMALS` (see :func:`_published`); False gives
+    the exact model values (the tests compare those with vollib).
 
     Inputs as in :func:`implied_vol`, with ``sigma`` the decimal annual volatility. Formulas (Hull ch. 19;
     ω = +1 call / -1 put, G = e^{-qT} (BSM) or e^{-rT} (Black-76), U = spot (BSM) or futures (Black-76), a = q (BSM)
@@ -475,7 +486,17 @@ def greeks(
     analytical`` / ``black.greeks.analytical``. NaN where σ ≤ 0 or an input is invalid.
     """
     m = _Model(underlying, strike, t_years, is_call, r, q, futures, sigma)
-    return {name: arr.reshape(m.shape) for name, arr in _greeks(m, m.extra[0]).items()}
+    out = _greeks(m, m.extra[0])
+    if published_precision:
+        out = {name: _published(arr, PUBLISHED_DECIMALS[name]) for name, arr in out.items()}
+    return {name: arr.reshape(m.shape) for name, arr in out.items()}
+
+
+def _published(x: F64, decimals: int) -> F64:
+    """``x`` rounded to ``decimals`` places (numpy's round: half to even on x × 10^decimals, then ÷ 10^decimals), so
+    every result is the float64 nearest a ``decimals``-place decimal and ``round(v × 10^d) / 10^d == v`` holds;
+    −0.0 becomes 0.0 and NaN stays NaN."""
+    return np.asarray(np.round(x, decimals) + 0.0, dtype=np.float64)
 
 
 def _greeks(m: _Model, sig: F64) -> dict[str, F64]:
@@ -510,8 +531,13 @@ def compute_iv_and_greeks(
     r: ArrayLike,
     q: ArrayLike,
     futures: ArrayLike | None = None,
+    published_precision: bool = True,
 ) -> tuple[F64, F64, F64, F64, F64]:
     """IV and Greeks from last traded prices, for ticks that lack them: ``(iv_percent, delta, gamma, theta, vega)``.
+
+    ``published_precision`` (default): each rounded to NSE's published decimals (:data:`PUBLISHED_DECIMALS`: IV
+    0.01 %, delta/theta/vega 1e-4, gamma 1e-6), after solving (the solver itself works to |ΔIV| ≤ 1e-6); False
+    gives the solver's and the model's exact values.
 
     Inputs as in :func:`implied_vol` (``ltp`` ₹ per unit). ``iv_percent`` is the implied volatility in percent
     (15.0 = 15 %); the Greeks are in the units of :func:`greeks` (delta per index point, gamma per index point²,
@@ -522,9 +548,13 @@ def compute_iv_and_greeks(
     m = _Model(underlying, strike, t_years, is_call, r, q, futures, ltp)
     sigma = _implied_vol(m, m.extra[0])
     g = _greeks(m, sigma)
+    iv = sigma * 100.0
+    if published_precision:
+        iv = _published(iv, PUBLISHED_DECIMALS["iv_percent"])
+        g = {name: _published(arr, PUBLISHED_DECIMALS[name]) for name, arr in g.items()}
     shape = m.shape
     return (
-        (sigma * 100.0).reshape(shape),
+        iv.reshape(shape),
         g["delta"].reshape(shape),
         g["gamma"].reshape(shape),
         g["theta"].reshape(shape),

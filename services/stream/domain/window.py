@@ -2,9 +2,10 @@
 follows each expiry's ATM (or stays on an explicit strike range), and the deltas between successive views.
 
 Delta semantics (documented for clients in docs/stream.md): per expiry, first drop ``removed`` strikes, then for each
-change: a strike not held is inserted whole; a held strike gets the fields present in the change. A change with
-``full=True`` for a strike the client may hold is also listed in ``removed`` (a replacement), so the client never
-keeps a value the server no longer has.
+change: a strike not held is inserted whole; a held strike gets the fields present in the change (the codec sends
+them as fixed-point changes relative to the held values it records, or as doubles). A change with ``full=True`` for
+a strike the client may hold is also listed in ``removed`` (a replacement), so the client never keeps a value the
+server no longer has.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class StrikeChange:
 
     ``full``: a whole bar (legs None = absent side). Otherwise only the non-None leg values changed (a leg None =
     unchanged), and ``atm_strike``/``moneyness_level`` are None when unchanged. ``bucket_time`` (UTC epoch s) and
-    ``underlying_close`` (index points) are always the bar's current values.
+    ``underlying_close`` (index points) are always the bar's current values. ``call_held``/``put_held`` (changes
+    only, not full ones): the values the client holds for the changed fields, at the same positions as the non-None
+    values of ``call``/``put`` (None elsewhere, and None where the client holds no value); the codec sends a change
+    relative to them (fixed point, :mod:`services.stream.domain.fixed`).
     """
 
     strike: float
@@ -57,8 +61,11 @@ class StrikeChange:
     moneyness_level: int | None
     call: Leg | None
     put: Leg | None
-    #: Encoded form cached by the codec for the update that produced this change (shared by every group).
-    wire: bytes | None = None
+    call_held: Leg | None = None
+    put_held: Leg | None = None
+    #: Encoded form cached by the codec for the update that produced this change (shared by every group):
+    #: (StrikeBar entry, fixed-point offset, fields, values), each b"" when absent.
+    wire: tuple[bytes, bytes, bytes, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -74,13 +81,15 @@ class ExpiryChange:
 @dataclass(slots=True)
 class DeltaUpdate:
     """Changes of a group's view. ``receive_time``: earliest ingest receive time (UTC epoch s) of the updates
-    included, None when unknown; ``conflated``: updates merged into this one."""
+    included, None when unknown; ``conflated``: updates merged into this one; ``strike_step``: the underlying's strike
+    step, index points (0 = unknown: the codec then keys no change by offset)."""
 
     bucket_time: int
     underlying_price: float
     expiries: list[ExpiryChange]
     conflated: int = 0
     receive_time: float | None = None
+    strike_step: float = 0.0
 
 
 class Book:
@@ -207,34 +216,38 @@ class Book:
         return strikes[bisect.bisect_left(strikes, lo - _EPS): bisect.bisect_right(strikes, hi + _EPS)]
 
 
-def _diff_leg(old: Leg | None, new: Leg | None) -> tuple[bool, Leg | None]:
-    """(needs_replacement, partial leg of changed values or None when unchanged)."""
+def _diff_leg(old: Leg | None, new: Leg | None) -> tuple[bool, Leg | None, Leg | None]:
+    """(needs_replacement, partial leg of changed values or None when unchanged, the held values of those fields)."""
     if old == new:
-        return False, None
+        return False, None, None
     if old is None or new is None:
-        return True, None
+        return True, None, None
     out: list[float | int | None] = []
+    held: list[float | int | None] = []
     for o, n in zip(old, new, strict=True):
         if o == n:
             out.append(None)
+            held.append(None)
         elif n is None:
-            return True, None
+            return True, None, None
         else:
             out.append(n)
-    return False, tuple(out)
+            held.append(o)
+    return False, tuple(out), tuple(held)
 
 
 def diff_bar(old: Bar, new: Bar) -> StrikeChange | None:
     """The change from ``old`` to ``new`` (same strike, projected alike), None when equal."""
     if old == new:
         return None
-    rc, call = _diff_leg(old.call, new.call)
-    rp, put = _diff_leg(old.put, new.put)
+    rc, call, call_held = _diff_leg(old.call, new.call)
+    rp, put, put_held = _diff_leg(old.put, new.put)
     if rc or rp:
         return full_change(new)
     moved = old.atm_strike != new.atm_strike or old.moneyness_level != new.moneyness_level
     return StrikeChange(new.strike, False, new.bucket_time, new.underlying_close,
-                        new.atm_strike if moved else None, new.moneyness_level if moved else None, call, put)
+                        new.atm_strike if moved else None, new.moneyness_level if moved else None, call, put,
+                        call_held, put_held)
 
 
 def full_change(bar: Bar) -> StrikeChange:
@@ -341,4 +354,4 @@ class GroupView:
                 changes.append(ch)
         if not changes:
             return None
-        return DeltaUpdate(book.bucket_time, book.underlying_price, changes)
+        return DeltaUpdate(book.bucket_time, book.underlying_price, changes, strike_step=book.step)
