@@ -37,6 +37,8 @@ BAD_TIME = ingest_service_pb2.REJECT_REASON_BAD_TIME
 DUPLICATE = ingest_service_pb2.REJECT_REASON_DUPLICATE
 SUSPICIOUS_JUMP = ingest_service_pb2.REJECT_REASON_SUSPICIOUS_JUMP
 MALFORMED = ingest_service_pb2.REJECT_REASON_MALFORMED
+#: Not a tick rule: a stream entry that kept failing ingest (``services/ingest/inputs/streams.py``).
+POISON = ingest_service_pb2.REJECT_REASON_POISON
 
 #: RejectReason number → label without prefix, e.g. ``{1: "NON_POSITIVE_LTP", ...}`` (UNSPECIFIED excluded).
 REASON_NAMES: dict[int, str] = {

@@ -493,6 +493,37 @@ async def refresh_moneyness(conn: asyncpg.Connection, tf: Timeframe,
     return await conn.fetch(REFRESH_SQL[tf], *groups)
 
 
+def _read_bars_sql(tf: Timeframe) -> str:
+    """Every ``tf`` bar (columns :data:`BAR_COLUMNS`) of the given (underlying, expiry, bucket) groups ($1 underlying,
+    $2 expiry text, $3 bucket epoch s), then every ``tf`` bar of the given contracts in the given bucket ranges ($4
+    underlying, $5 expiry text, $6 strike, $7 from epoch s inclusive, $8 to epoch s exclusive). A bar in both parts
+    comes twice."""
+    cols = ", ".join(f"m.{c}" for c in BAR_COLUMNS)
+    return (
+        f"SELECT {cols} FROM unnest($1::text[], $2::text[], $3::int8[]) AS g(u, e, b) "
+        f"JOIN {tf.table} m ON m.underlying = g.u AND m.expiry = g.e::date AND m.bucket_time = to_timestamp(g.b) "
+        f"UNION ALL SELECT {cols} FROM unnest($4::text[], $5::text[], $6::float8[], $7::int8[], $8::int8[]) "
+        f"AS r(u, e, s, lo, hi) JOIN {tf.table} m ON m.underlying = r.u AND m.expiry = r.e::date AND m.strike = r.s "
+        f"AND m.bucket_time >= to_timestamp(r.lo) AND m.bucket_time < to_timestamp(r.hi)"
+    )
+
+
+READ_BARS_SQL = {tf: _read_bars_sql(tf) for tf in Timeframe}
+
+
+async def read_bars(conn: asyncpg.Connection, tf: Timeframe, groups: Sequence[Sequence[Any]],
+                    ranges: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+    """The stored ``tf`` bars (columns :data:`BAR_COLUMNS`) of whole (underlying, expiry, bucket) ``groups`` (3
+    arrays: underlying, expiry text, bucket_s) and of contracts over bucket ``ranges`` (5 arrays: underlying, expiry
+    text, strike, from_s inclusive, to_s exclusive). Used to publish again the bars of re-delivered stream entries
+    (``Pipeline.process(..., republish=True)``); a bar may appear twice."""
+    if not (groups and groups[0]) and not (ranges and ranges[0]):
+        return []
+    g = [list(a) for a in groups] if groups and groups[0] else [[], [], []]
+    r = [list(a) for a in ranges] if ranges and ranges[0] else [[], [], [], [], []]
+    return await conn.fetch(READ_BARS_SQL[tf], *g, *r)
+
+
 _TX_SETTINGS_SQL = "SET LOCAL jit = off; SET LOCAL work_mem = '32MB'"
 
 
