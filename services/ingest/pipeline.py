@@ -184,11 +184,15 @@ class Pipeline:
                     for r in await store.load_listed_strikes(conn, max(horizon - B.DAY_S, 0)):
                         listed.observe(r["underlying"], r["expiry"], float(r["strike"]), int(r["first_s"]))
                     states: dict[B.LegKey, B.LegState] = {}
+                    last_ltp: list[tuple[tuple[str, str, float, int], float]] = []
                     for side in store.SIDES:
                         is_call = side == "ce"
+                        option_type = _CALL if is_call else market_pb2.OPTION_TYPE_PUT
                         for r in sorted(await store.load_leg_states(conn, side, horizon),
                                         key=lambda r: -int(r["rn"])):
                             key = (r["underlying"], r["expiry"], float(r["strike"]), is_call)
+                            if r["rn"] == 1 and r["close"] is not None:
+                                last_ltp.append(((key[0], key[1], key[2], option_type), float(r["close"])))
                             st = B.LegState(int(r["bucket_s"]), int(r["close_us"]), int(r["oi"] or 0),
                                             int(r["day_volume"] or 0))
                             prev = states.get(key)
@@ -196,7 +200,7 @@ class Pipeline:
                                 st.prior_bucket, st.prior_oi, st.prior_day_volume = (
                                     prev.bucket, prev.oi, prev.day_volume)
                             states[key] = st
-                    today = int(time.time()) // B.DAY_S
+                    today = self._today()
                     await store.ensure_partitions(conn, _day_to_date(today), _day_to_date(today + 1))
             except Exception as e:
                 if store.is_unavailable(e):
@@ -206,8 +210,10 @@ class Pipeline:
             self._versions = versions
             self._newest = newest
             self._known_days = {today, today + 1}
+            # The validator's jump rule compares with the contract's previous tick: after a restart, its close.
+            seeded = self._validator.seed_last_ltp(last_ltp) if self._validator is not None else 0
             log.info("ingest.pipeline.started", leg_states=len(states), horizon_s=horizon,
-                     underlyings=len(closes.bars))
+                     underlyings=len(closes.bars), validator_seeded=seeded)
         await self.enforce_retention()
 
     async def close(self) -> None:
@@ -216,6 +222,39 @@ class Pipeline:
         task, self._analyze_task = self._analyze_task, None
         if task is not None:
             await task
+
+    @staticmethod
+    def _today() -> int:
+        """Today's UTC day number (wall clock)."""
+        return int(time.time()) // B.DAY_S
+
+    def maintenance_due(self) -> bool:
+        """True when the last :meth:`maintain` (or retention pass) is older than ``ingest_retention_interval_s``."""
+        return time.monotonic() - self._last_retention > self._settings.ingest_retention_interval_s
+
+    async def maintain(self) -> int:
+        """Periodic upkeep, serialized with :meth:`process`: create today's and tomorrow's daily partitions (UTC
+        days, wall clock) if this process has not seen them yet — so a new day's partitions exist before its first
+        tick, and a long-running process keeps creating them ahead — then :meth:`enforce_retention`. Run by
+        ``process`` every ``ingest_retention_interval_s`` and by the ingest server's timer (an idle ingest too).
+        Best effort: errors are logged, not raised. Returns the partitions dropped."""
+        async with self._lock:
+            return await self._maintain()
+
+    async def _maintain(self) -> int:
+        self._last_retention = time.monotonic()
+        today = self._today()
+        if {today, today + 1} - self._known_days:
+            try:
+                async with self._pool.acquire() as conn:
+                    made = await store.ensure_partitions(conn, _day_to_date(today), _day_to_date(today + 1))
+            except Exception as e:  # the call that writes a new day creates its partitions anyway
+                log.warning("ingest.partitions_ahead_failed", error=f"{type(e).__name__}: {e}")
+            else:
+                self._known_days |= {today, today + 1}
+                if made:
+                    log.info("ingest.partitions_created", partitions=made, first=_day_to_date(today).isoformat())
+        return await self.enforce_retention()
 
     async def enforce_retention(self) -> int:
         """Drop daily bar partitions older than ``ingest_retention_days`` before the newest data day (not the wall
@@ -473,8 +512,8 @@ class Pipeline:
 
             await write_dead_letters(self._redis, dead, self._settings.ingest_deadletter_maxlen)
         await self._maybe_analyze(changed[Timeframe.M1], set(stats_days))
-        if time.monotonic() - self._last_retention > self._settings.ingest_retention_interval_s:
-            await self.enforce_retention()
+        if self.maintenance_due():
+            await self._maintain()
         return result
 
     async def _read_back(self, conn: asyncpg.Connection, late: set[tuple[str, str, float, int, str]],

@@ -132,7 +132,8 @@ async def test_entry_over_the_delivery_cap_is_dead_lettered(pg_dsn: str, redis_u
         await r.aclose()
     assert len(dls) == 1
     label, dl = dls[0]
-    assert (label, dl.reason, dl.source) == (b"POISON", ingest_service_pb2.REJECT_REASON_POISON, f"stream:{KEY}:{ids[1]}")
+    assert (label, dl.reason, dl.source) == (b"POISON", ingest_service_pb2.REJECT_REASON_POISON,
+                                             f"stream:{KEY}:{ids[1]}")
     assert "delivered 6 times" in dl.detail and "OPTMON_INGEST_MAX_DELIVERIES=5" in dl.detail
     assert market_pb2.TickBatch.FromString(dl.raw) == snaps[1]
     assert _rejected("POISON") - before == count_ticks(snaps[1])

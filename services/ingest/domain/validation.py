@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from datetime import date, datetime
 from typing import TYPE_CHECKING
 
@@ -147,6 +148,20 @@ class Validator:
             st.fps.extend(before[0])
             st.ltp, st.rejected_ltp = before[1], before[2]
             self._state[key] = st
+
+    def seed_last_ltp(self, items: Iterable[tuple[ContractKey, float]]) -> int:
+        """Remember the last LTP (₹) of contracts that have no state yet — the close of their newest committed bar,
+        loaded by a (re)starting pipeline — so that the first tick after a restart is judged for an LTP jump as it
+        would have been without the restart. Contracts already tracked are left alone; the state bound holds.
+        Returns how many contracts were seeded. (Duplicate fingerprints cannot be recovered: bars keep no ticks.)"""
+        n = 0
+        for key, ltp in items:
+            if key in self._state or not (0.0 < ltp < math.inf) or len(self._state) >= self._cap:
+                continue
+            st = self._state[key] = _ContractState(self._window)
+            st.ltp = ltp
+            n += 1
+        return n
 
     @property
     def contracts_tracked(self) -> int:

@@ -364,8 +364,17 @@ PARTITION_FILLFACTOR = 70
 
 async def ensure_partitions(conn: asyncpg.Connection, first: dt.date, last: dt.date) -> int:
     """Create the daily partitions of every bar table for [first, last] (UTC days) and set their fill factor to
-    :data:`PARTITION_FILLFACTOR`; returns how many partitions were created."""
-    n = int(await conn.fetchval("SELECT optmon_ensure_partitions($1::date, $2::date)", first, last))
+    :data:`PARTITION_FILLFACTOR`; returns how many partitions were created. Call outside a transaction: when another
+    session creates the same partition at the same moment (two replicas at a day's first tick), PostgreSQL fails the
+    loser's CREATE with a unique or duplicate-table violation once the winner commits; the call is then retried (the
+    partition exists by then)."""
+    for attempt in range(3):
+        try:
+            n = int(await conn.fetchval("SELECT optmon_ensure_partitions($1::date, $2::date)", first, last))
+            break
+        except (asyncpg.exceptions.UniqueViolationError, asyncpg.exceptions.DuplicateTableError):
+            if attempt == 2:
+                raise
     if n:
         day = first
         while day <= last:
@@ -416,14 +425,14 @@ async def load_listed_strikes(conn: asyncpg.Connection, since_s: int) -> list[as
 
 async def load_leg_states(conn: asyncpg.Connection, side: str, since_s: int) -> list[asyncpg.Record]:
     """The two newest 1-minute bars with data for ``side`` of every contract since ``since_s``, newest first:
-    (underlying, expiry, strike, rn, bucket_s, close_us, oi, day_volume)."""
+    (underlying, expiry, strike, rn, bucket_s, close_us, oi, day_volume, close (₹))."""
     assert side in SIDES
     return await conn.fetch(
         f"SELECT * FROM (SELECT underlying, expiry::text AS expiry, strike, "
         f"row_number() OVER (PARTITION BY underlying, expiry, strike ORDER BY bucket_time DESC) AS rn, "
         f"extract(epoch FROM bucket_time)::int8 AS bucket_s, "
         f"(extract(epoch FROM {side}_close_time) * 1000000)::int8 AS close_us, "
-        f"{side}_oi AS oi, {side}_day_volume AS day_volume FROM bars_1m "
+        f"{side}_oi AS oi, {side}_day_volume AS day_volume, {side}_close AS close FROM bars_1m "
         f"WHERE bucket_time >= to_timestamp($1) AND {side}_close_time IS NOT NULL) x WHERE rn <= 2", since_s)
 
 
