@@ -5,7 +5,9 @@
   bars that commit wrote, with the committed values, without changing a row (no double counting);
 - an entry delivered more often than ``OPTMON_INGEST_MAX_DELIVERIES`` is dead-lettered as POISON (counted, bytes
   kept) and acknowledged, and the entries around it are processed;
-- an entry that kills ingest every time it is processed stops doing so at the cap.
+- an entry that kills ingest every time it is processed stops doing so at the cap;
+- PublishTicks batches resent with ``resend`` after a failed call get their bars published even though the failed
+  call committed them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from optmon.v1 import ingest_service_pb2, market_pb2
+from optmon.v1 import ingest_service_pb2, ingest_service_pb2_grpc, market_pb2
 from prometheus_client import REGISTRY
 
 from services.common.domain.timeframes import Timeframe
@@ -31,10 +33,12 @@ from tests.integration.ingest_inputs_support import (
     extra_database,
     fetch_bars,
     group_state,
+    grpc_ingest,
     kill_all,
     last_event_id,
     redis_db,
     reference_bars,
+    reference_pipeline,
     settings_for,
     spawn_ingest,
     stored_strike_bars,
@@ -173,3 +177,28 @@ async def test_entry_that_kills_ingest_every_time_stops_at_the_cap(pg_dsn: str, 
     assert [(label, dl.reason, dl.source) for label, dl in dls] == [
         (b"POISON", ingest_service_pb2.REJECT_REASON_POISON, f"stream:{KEY}:{eid}")]
     assert "delivered 3 times" in dls[0][1].detail
+
+
+async def test_publish_ticks_resend_publishes_bars_a_failed_call_committed(pg_dsn: str, redis_url: str) -> None:
+    snaps = list(csv_snapshots(2))
+    # The failed call: committed by an ingest that died before publishing (its events go to another Redis database).
+    async with reference_pipeline(pg_dsn, redis_db(redis_url, 1)) as p:
+        await p.process([(b, "grpc") for b in snaps])
+    committed = await stored_strike_bars(pg_dsn)
+    settings = settings_for(pg_dsn, redis_url, ingest_streams_enabled=False, ingest_pubsub_enabled=False)
+    r = aioredis.from_url(redis_url)
+    try:
+        for resend in (False, True):  # a new ingest process each time (a live one would see DUPLICATEs)
+            async with grpc_ingest(settings) as (_app, channel):
+                mark = await last_event_id(r)
+                resp = await ingest_service_pb2_grpc.IngestServiceStub(channel).PublishTicks(
+                    iter([ingest_service_pb2.PublishTicksRequest(batch=b, resend=resend) for b in snaps]))
+                assert resp.accepted == sum(count_ticks(b) for b in snaps)
+                _, published = await bar_events(r, mark)
+            if not resend:
+                assert published == {}, "a plain resend changes no bar: nothing is published"
+    finally:
+        await r.aclose()
+    assert published.keys() == committed.keys()
+    assert all(published[k] == b for k, b in committed.items())
+    assert await stored_strike_bars(pg_dsn) == committed
