@@ -184,7 +184,7 @@ class Pipeline:
                     for r in await store.load_listed_strikes(conn, max(horizon - B.DAY_S, 0)):
                         listed.observe(r["underlying"], r["expiry"], float(r["strike"]), int(r["first_s"]))
                     states: dict[B.LegKey, B.LegState] = {}
-                    last_ltp: list[tuple[tuple[str, str, float, int], float]] = []
+                    last_ltp: list[tuple[tuple[str, str, float, int], float, int]] = []
                     for side in store.SIDES:
                         is_call = side == "ce"
                         option_type = _CALL if is_call else market_pb2.OPTION_TYPE_PUT
@@ -192,7 +192,8 @@ class Pipeline:
                                         key=lambda r: -int(r["rn"])):
                             key = (r["underlying"], r["expiry"], float(r["strike"]), is_call)
                             if r["rn"] == 1 and r["close"] is not None:
-                                last_ltp.append(((key[0], key[1], key[2], option_type), float(r["close"])))
+                                last_ltp.append(((key[0], key[1], key[2], option_type), float(r["close"]),
+                                                 int(r["close_us"])))
                             st = B.LegState(int(r["bucket_s"]), int(r["close_us"]), int(r["oi"] or 0),
                                             int(r["day_volume"] or 0))
                             prev = states.get(key)

@@ -167,15 +167,21 @@ def test_jump_reject_policy_rejects_until_confirmed() -> None:
 
 def test_seeded_last_ltp_judges_the_first_tick_after_a_restart() -> None:
     val = validator(ingest_jump_policy="reject", ingest_state_contracts=2)
-    key = ("NIFTY", "2026-08-25", 24200.0, market_pb2.OPTION_TYPE_CALL)
+    t0_us = int(T0.timestamp()) * 1_000_000
+    later = ts(datetime(2026, 8, 18, 5, 14, tzinfo=UTC))
+
+    def call(strike: float) -> tuple[str, str, float, int]:
+        return ("NIFTY", "2026-08-25", strike, market_pb2.OPTION_TYPE_CALL)
+
     assert val.check_option(good_tick(ltp=90.0, strike=24300.0), NOW)[0] is None  # tracked: not overwritten
-    seeds = [(key, 100.0), (("NIFTY", "2026-08-25", 24300.0, market_pb2.OPTION_TYPE_CALL), 500.0),
-             (("NIFTY", "2026-08-25", 24400.0, market_pb2.OPTION_TYPE_CALL), math.nan),
-             (("NIFTY", "2026-08-25", 24500.0, market_pb2.OPTION_TYPE_CALL), 100.0)]  # over the state bound
+    seeds = [(call(24200.0), 100.0, t0_us), (call(24300.0), 500.0, t0_us), (call(24400.0), math.nan, t0_us),
+             (call(24500.0), 100.0, t0_us)]  # the last one is over the state bound
     assert val.seed_last_ltp(seeds) == 1
     assert val.contracts_tracked == 2
-    assert val.check_option(good_tick(ltp=150.0), NOW)[0] == v.SUSPICIOUS_JUMP
-    assert val.check_option(good_tick(ltp=105.0), NOW)[0] is None
+    # a re-delivered tick (not newer than the committed close) is not judged against the seed
+    assert val.check_option(good_tick(ltp=300.0), NOW)[0] is None
+    assert val.check_option(good_tick(ltp=150.0, exchange_time=later), NOW)[0] == v.SUSPICIOUS_JUMP
+    assert val.check_option(good_tick(ltp=105.0, exchange_time=later), NOW)[0] is None
     assert val.check_option(good_tick(ltp=95.0, strike=24300.0), NOW)[0] is None  # against 90, not 500
 
 
