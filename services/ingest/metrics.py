@@ -24,6 +24,9 @@ COMMIT_SECONDS = Histogram(
 BARS_WRITTEN = Counter("optmon_ingest_bars_written_total", "Bar rows inserted or changed", ["timeframe"])
 #: BarUpdate messages published on ``optmon:bars:<U>``.
 EVENTS_PUBLISHED = Counter("optmon_ingest_events_published_total", "BarUpdate messages published")
+#: Stored bars published again for re-delivered stream entries (``Pipeline.process(..., republish=True)``).
+REPUBLISHED_BARS = Counter("optmon_ingest_republished_bars_total",
+                           "Bars read back and published again for re-delivered stream entries (at-least-once events)")
 #: BarUpdates committed but not yet published (Redis unreachable); retried on the next call.
 EVENTS_PENDING = Gauge("optmon_ingest_events_pending", "BarUpdates committed but not yet published")
 #: process() calls that failed because PostgreSQL was unreachable.

@@ -4,6 +4,10 @@ bars in ONE PostgreSQL transaction per call → BarUpdate events on Redis after 
 Used by every input (Redis Streams consumer, PublishTicks, legacy pub/sub — ``services/ingest/inputs``) through
 :meth:`Pipeline.process`. Field definitions of the bars: ``services/ingest/domain/bars.py`` and ``docs/bars.md``.
 
+Events are at least once: a call made with ``republish=True`` (the stream consumer does it for re-delivered entries,
+whose first processing may have committed and died before publishing) publishes every bar its ticks may have changed,
+read back after the writes, not only the bars this call changed (see ``docs/ingest.md``).
+
 Concurrency: calls are serialized by an asyncio lock; across processes (replicas sharing the streams) writers of an
 underlying are serialized by a PostgreSQL advisory lock, and a process reloads its per-contract state when the
 ``ingest_writers`` version shows that another process committed in between (see ``docs/bars.md``).
@@ -15,6 +19,7 @@ import asyncio
 import datetime as dt
 import gc
 import math
+import os
 import re
 import time
 from collections.abc import Collection, Sequence
@@ -64,6 +69,8 @@ class ProcessResult:
     suspicious: int = 0
     #: BarUpdate messages published by this call.
     bar_updates: int = 0
+    #: ``republish=True`` only: stored bars read back and published whether or not this call changed them.
+    republished_bars: int = 0
 
 
 def _reason_name(reason: int | str) -> str:
@@ -154,6 +161,8 @@ class Pipeline:
         #: Newest committed 1-minute strike-bar bucket (epoch s) per underlying, by any writer (see
         #: :meth:`_refresh_groups`: a bucket after it has no rows but the ones the current call writes).
         self._newest: dict[str, int] = {}
+        #: Successful commits since start (for ``ingest_fault_exit_after_commits``).
+        self._commits = 0
 
     # -- start-up / recovery -----------------------------------------------------------------------------------
 
@@ -175,11 +184,16 @@ class Pipeline:
                     for r in await store.load_listed_strikes(conn, max(horizon - B.DAY_S, 0)):
                         listed.observe(r["underlying"], r["expiry"], float(r["strike"]), int(r["first_s"]))
                     states: dict[B.LegKey, B.LegState] = {}
+                    last_ltp: list[tuple[tuple[str, str, float, int], float, int]] = []
                     for side in store.SIDES:
                         is_call = side == "ce"
+                        option_type = _CALL if is_call else market_pb2.OPTION_TYPE_PUT
                         for r in sorted(await store.load_leg_states(conn, side, horizon),
                                         key=lambda r: -int(r["rn"])):
                             key = (r["underlying"], r["expiry"], float(r["strike"]), is_call)
+                            if r["rn"] == 1 and r["close"] is not None:
+                                last_ltp.append(((key[0], key[1], key[2], option_type), float(r["close"]),
+                                                 int(r["close_us"])))
                             st = B.LegState(int(r["bucket_s"]), int(r["close_us"]), int(r["oi"] or 0),
                                             int(r["day_volume"] or 0))
                             prev = states.get(key)
@@ -187,7 +201,7 @@ class Pipeline:
                                 st.prior_bucket, st.prior_oi, st.prior_day_volume = (
                                     prev.bucket, prev.oi, prev.day_volume)
                             states[key] = st
-                    today = int(time.time()) // B.DAY_S
+                    today = self._today()
                     await store.ensure_partitions(conn, _day_to_date(today), _day_to_date(today + 1))
             except Exception as e:
                 if store.is_unavailable(e):
@@ -197,8 +211,10 @@ class Pipeline:
             self._versions = versions
             self._newest = newest
             self._known_days = {today, today + 1}
+            # The validator's jump rule compares with the contract's previous tick: after a restart, its close.
+            seeded = self._validator.seed_last_ltp(last_ltp) if self._validator is not None else 0
             log.info("ingest.pipeline.started", leg_states=len(states), horizon_s=horizon,
-                     underlyings=len(closes.bars))
+                     underlyings=len(closes.bars), validator_seeded=seeded)
         await self.enforce_retention()
 
     async def close(self) -> None:
@@ -207,6 +223,39 @@ class Pipeline:
         task, self._analyze_task = self._analyze_task, None
         if task is not None:
             await task
+
+    @staticmethod
+    def _today() -> int:
+        """Today's UTC day number (wall clock)."""
+        return int(time.time()) // B.DAY_S
+
+    def maintenance_due(self) -> bool:
+        """True when the last :meth:`maintain` (or retention pass) is older than ``ingest_retention_interval_s``."""
+        return time.monotonic() - self._last_retention > self._settings.ingest_retention_interval_s
+
+    async def maintain(self) -> int:
+        """Periodic upkeep, serialized with :meth:`process`: create today's and tomorrow's daily partitions (UTC
+        days, wall clock) if this process has not seen them yet — so a new day's partitions exist before its first
+        tick, and a long-running process keeps creating them ahead — then :meth:`enforce_retention`. Run by
+        ``process`` every ``ingest_retention_interval_s`` and by the ingest server's timer (an idle ingest too).
+        Best effort: errors are logged, not raised. Returns the partitions dropped."""
+        async with self._lock:
+            return await self._maintain()
+
+    async def _maintain(self) -> int:
+        self._last_retention = time.monotonic()
+        today = self._today()
+        if {today, today + 1} - self._known_days:
+            try:
+                async with self._pool.acquire() as conn:
+                    made = await store.ensure_partitions(conn, _day_to_date(today), _day_to_date(today + 1))
+            except Exception as e:  # the call that writes a new day creates its partitions anyway
+                log.warning("ingest.partitions_ahead_failed", error=f"{type(e).__name__}: {e}")
+            else:
+                self._known_days |= {today, today + 1}
+                if made:
+                    log.info("ingest.partitions_created", partitions=made, first=_day_to_date(today).isoformat())
+        return await self.enforce_retention()
 
     async def enforce_retention(self) -> int:
         """Drop daily bar partitions older than ``ingest_retention_days`` before the newest data day (not the wall
@@ -231,8 +280,15 @@ class Pipeline:
 
     # -- processing ------------------------------------------------------------------------------------------
 
-    async def process(self, batches: Sequence[tuple[market_pb2.TickBatch, str]]) -> ProcessResult:
+    async def process(self, batches: Sequence[tuple[market_pb2.TickBatch, str]], *,
+                      republish: bool = False) -> ProcessResult:
         """Validate, aggregate and commit ``(batch, source)`` pairs in one transaction, then publish BarUpdates.
+
+        The BarUpdates carry the bars this call changed. With ``republish`` they also carry, as stored after the
+        call's writes, every bar the same ticks may have changed in an earlier commit (see :meth:`_read_back`): use
+        it for ticks that may have been committed before without their BarUpdates being published (a re-delivered
+        stream entry whose first processing died between commit and publish). Duplicates are harmless: updates
+        carry complete bars.
 
         Returns after commit + publish. Raises :class:`DatabaseUnavailable` when PostgreSQL is unreachable (nothing
         committed, in-memory state unchanged: retry the same batches later); raises the redis error when Redis is
@@ -241,9 +297,10 @@ class Pipeline:
         """
         async with self._lock:
             with _gc_paused():
-                return await self._process(batches)
+                return await self._process(batches, republish)
 
-    async def _process(self, batches: Sequence[tuple[market_pb2.TickBatch, str]]) -> ProcessResult:
+    async def _process(self, batches: Sequence[tuple[market_pb2.TickBatch, str]],
+                       republish: bool = False) -> ProcessResult:
         now = dt.datetime.now(dt.UTC)
         now_us = int(now.timestamp() * 1_000_000)
         result = ProcessResult()
@@ -328,6 +385,7 @@ class Pipeline:
         stale: list[str] = []
         reloaded: dict[B.LegKey, B.LegState] = {}
         new_versions: dict[str, int] = {}
+        readback: dict[Timeframe, list[Any]] = {}
         newest = self._newest
         t0 = time.perf_counter()
         try:
@@ -372,9 +430,12 @@ class Pipeline:
                     try:
                         m1_updates = await events.build_updates_async(
                             {Timeframe.M1: m1_rows}, first_tick_us=builder.first_tick_us,
-                            first_receive_us=first_receive, underlying_price=prices) if m1_rows else []
+                            first_receive_us=first_receive,
+                            underlying_price=prices) if m1_rows and not republish else []
                     finally:
                         new_versions = await db
+                    if republish:
+                        readback = await self._read_back(conn, late, refresh_candidates)
             commit_time = dt.datetime.now(dt.UTC)
         except Exception as e:
             if store.is_unavailable(e):
@@ -414,16 +475,29 @@ class Pipeline:
             if rws:
                 metrics.BARS_WRITTEN.labels(tf.label).inc(len(rws))
 
-        if len(changed[Timeframe.M1]) != len(m1_rows):  # the moneyness re-stamp changed 1M rows too: rebuild
-            m1_updates = events.build_updates({Timeframe.M1: changed[Timeframe.M1]}, commit_time=commit_time,
-                                              first_tick_us=builder.first_tick_us, first_receive_us=first_receive,
-                                              underlying_price=prices)
+        if republish:  # changed rows first, the rows read back last: the stored version of each bar wins
+            result.republished_bars = sum(len(rws) for rws in readback.values())
+            metrics.REPUBLISHED_BARS.inc(result.republished_bars)
+            updates = events.build_updates(
+                {tf: [*changed[tf], *readback.get(tf, ())] for tf in Timeframe if changed[tf] or readback.get(tf)},
+                commit_time=commit_time, first_tick_us=builder.first_tick_us, first_receive_us=first_receive,
+                underlying_price=prices)
+            log.info("ingest.republished", bars=result.republished_bars, updates=len(updates),
+                     sources=len(batches))
         else:
-            events.set_commit_time(m1_updates, commit_time)
-        updates = m1_updates + events.build_updates(
-            {tf: rws for tf, rws in changed.items() if rws and tf != Timeframe.M1}, commit_time=commit_time,
-            first_tick_us=builder.first_tick_us, first_receive_us=first_receive, underlying_price=prices)
+            if len(changed[Timeframe.M1]) != len(m1_rows):  # the moneyness re-stamp changed 1M rows too: rebuild
+                m1_updates = events.build_updates({Timeframe.M1: changed[Timeframe.M1]}, commit_time=commit_time,
+                                                  first_tick_us=builder.first_tick_us,
+                                                  first_receive_us=first_receive, underlying_price=prices)
+            else:
+                events.set_commit_time(m1_updates, commit_time)
+            updates = m1_updates + events.build_updates(
+                {tf: rws for tf, rws in changed.items() if rws and tf != Timeframe.M1}, commit_time=commit_time,
+                first_tick_us=builder.first_tick_us, first_receive_us=first_receive, underlying_price=prices)
         result.bar_updates = len(updates)
+        self._commits += 1
+        if self._commits == self._settings.ingest_fault_exit_after_commits:
+            _fault_exit(self._commits)
         self._pending_events.extend(updates)
         if len(self._pending_events) > _MAX_PENDING_EVENTS:
             drop = len(self._pending_events) - _MAX_PENDING_EVENTS
@@ -439,9 +513,36 @@ class Pipeline:
 
             await write_dead_letters(self._redis, dead, self._settings.ingest_deadletter_maxlen)
         await self._maybe_analyze(changed[Timeframe.M1], set(stats_days))
-        if time.monotonic() - self._last_retention > self._settings.ingest_retention_interval_s:
-            await self.enforce_retention()
+        if self.maintenance_due():
+            await self._maintain()
         return result
+
+    async def _read_back(self, conn: asyncpg.Connection, late: set[tuple[str, str, float, int, str]],
+                         candidates: set[tuple[str, str, int]]) -> dict[Timeframe, list[Any]]:
+        """Republish mode, inside the call's transaction after every write: the stored bars of every timeframe that
+        a commit of this call's ticks may have changed, whatever state it ran from (a superset; complete rows).
+
+        - every bar of the (underlying, expiry, bucket) groups of ``candidates`` (the 1M buckets of the call's rows
+          and of its index ticks' listed expiries, see :meth:`_derive`), at each timeframe's bucket: the written
+          bars, their rollups and the moneyness re-stamps of strikes not in the call;
+        - for ``late`` legs (a bucket older than the leg's newest committed bar), the leg's bars from that bucket to
+          the end of its session (UTC day): what the late-tick recompute of day volume, volume and ΔOI, and the
+          rollups of those bars, may have changed. A first processing ran from an older state, so its late legs are
+          a subset of these.
+        """
+        out: dict[Timeframe, list[Any]] = {}
+        for tf in Timeframe:
+            sec = tf.seconds
+            groups = sorted({(u, e, b - b % sec) for u, e, b in candidates})
+            start: dict[tuple[str, str, float, int], int] = {}
+            for u, e, s, b, _side in late:
+                k = (u, e, s, (b // B.DAY_S + 1) * B.DAY_S)
+                f = b - b % sec
+                if f < start.get(k, f + 1):
+                    start[k] = f
+            ranges = sorted((u, e, s, f, end) for (u, e, s, end), f in start.items())
+            out[tf] = list(await store.read_bars(conn, tf, _columns(groups), _columns(ranges)))
+        return out
 
     async def _maybe_analyze(self, rows_1m: list[Any], analyzed: Collection[int] = ()) -> None:
         """ANALYZE a day's partitions when the 1M rows written to it since the last ANALYZE doubled (from 500 rows
@@ -828,7 +929,13 @@ class Pipeline:
                     late_state_rows[key] = state_rows
 
 
-def _columns(rows: list[list[Any]]) -> list[list[Any]]:
+def _fault_exit(commits: int) -> None:
+    """``ingest_fault_exit_after_commits`` (tests only): die like a kill -9 between a commit and its publish."""
+    log.error("ingest.fault_exit_after_commit", commits=commits)
+    os._exit(70)
+
+
+def _columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     """Rows (equal lengths) transposed into column lists."""
     return [list(c) for c in zip(*rows, strict=True)]
 

@@ -66,6 +66,7 @@ class IngestApp:
         self.failed = asyncio.Event()
         self._stopping = False
         self._bring_up_task: asyncio.Task[None] | None = None
+        self._maintenance_task: asyncio.Task[None] | None = None
 
     async def _on_degraded(self, degraded: bool) -> None:
         if not self._stopping:
@@ -101,6 +102,7 @@ class IngestApp:
         self.pool = await self._retry("postgres", lambda: _create_pool(s))
         self.pipeline = Pipeline(s, self.pool, self.redis, validator=self.validator)
         await self._retry("pipeline", self.pipeline.start)
+        self._maintenance_task = asyncio.create_task(self._maintenance_loop(), name="ingest-maintenance")
         self.committer = Committer(
             self.pipeline,
             max_pending_ticks=s.ingest_max_pending_ticks,
@@ -121,6 +123,17 @@ class IngestApp:
         self.ready.set()
         log.info("ingest.ready", consumer=self.consumer.name if self.consumer else None,
                  underlyings=s.underlyings)
+
+    async def _maintenance_loop(self) -> None:
+        """Every ``ingest_retention_interval_s``: the pipeline's upkeep (partitions ahead, retention) when no commit
+        did it meanwhile — so an idle ingest (overnight) still creates the next day's partitions ahead."""
+        while True:
+            await asyncio.sleep(self.settings.ingest_retention_interval_s)
+            if self.pipeline.maintenance_due():
+                try:
+                    await self.pipeline.maintain()
+                except Exception:  # maintain logs its own failures; never let the timer die
+                    log.exception("ingest.maintenance_failed")
 
     async def wait_ready(self, limit_s: float = 30.0) -> None:
         """Wait for the bring-up (tests). Raises what the bring-up raised, or TimeoutError."""
@@ -157,6 +170,10 @@ class IngestApp:
                 with contextlib.suppress(Exception):
                     await gathered
         await server_stop
+        if self._maintenance_task is not None:
+            self._maintenance_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._maintenance_task
         close = getattr(self.pipeline, "close", None) or getattr(self.pipeline, "stop", None)
         if close is not None:
             with contextlib.suppress(Exception):

@@ -8,7 +8,8 @@ accepted tick is committed before the response is sent.
 Errors: INVALID_ARGUMENT (field ``batch``) for a request without a batch; UNAVAILABLE when ingest is still starting,
 shutting down, or the in-memory bound ``ingest_max_pending_ticks`` is reached while commits wait for the database.
 Batches committed before an error stay committed; resending them is harmless (bars are idempotent, exact duplicates
-are rejected as DUPLICATE).
+are rejected as DUPLICATE). Batches sent with ``resend`` set are committed in republish mode (every bar they touch is
+published, see ``Pipeline.process``): a failed call may have committed them without publishing their BarUpdates.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
         rejected: Counter[str] = Counter()
         pending: list[tuple[market_pb2.TickBatch, str]] = []
         held = 0
+        resend = False  # the flag of the batches in ``pending``
         committer: Committer | None = None
 
         async def flush() -> None:
@@ -56,7 +58,7 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
                 return
             assert committer is not None
             try:
-                result = await committer.commit(pending)
+                result = await committer.commit(pending, republish=resend)
             except CommitterClosed:
                 raise Unavailable("ingest is shutting down; uncommitted batches of this call were not stored") from None
             finally:
@@ -78,6 +80,9 @@ class IngestServicer(ingest_service_pb2_grpc.IngestServiceServicer):
                 n = count_ticks(req.batch)
                 if n == 0:
                     continue
+                if pending and req.resend != resend:
+                    await flush()  # one commit never mixes first sends and resends
+                resend = req.resend
                 if not committer.try_reserve(n):
                     metrics.PUBLISH_UNAVAILABLE.inc()
                     raise Unavailable(

@@ -30,6 +30,10 @@ class IngestSettings(CommonSettings):
     ingest_maintenance_interval_s: float = Field(default=5.0, gt=0)
     #: Approximate cap of each tick stream's length; only acknowledged entries are ever trimmed.
     ingest_stream_maxlen: int = Field(default=100_000, ge=100)
+    #: Delivery cap of a stream entry (its XPENDING delivery count: the first read plus every reclaim). An entry
+    #: reclaimed for a delivery beyond this is not processed again: it goes to the dead-letter stream as POISON and
+    #: is acknowledged, so an entry that crashes ingest cannot crash it forever. At least 2 (one recovery).
+    ingest_max_deliveries: int = Field(default=5, ge=2)
     #: Ticks held in memory awaiting a commit (all inputs together); past it PublishTicks answers UNAVAILABLE,
     #: the stream consumer stops reading and pub/sub drops (counted).
     ingest_max_pending_ticks: int = Field(default=200_000, ge=1)
@@ -70,3 +74,9 @@ class IngestSettings(CommonSettings):
     #: (``OPTMON_IV_DIVIDEND_YIELD``) used when ingest computes IV/Greeks for ticks that lack them.
     iv_rate: float = 0.065
     iv_dividend_yield: float = 0.0
+
+    # --- fault injection (tests only; never set in production) ---
+    #: The process exits at once (``os._exit(70)``, like a kill -9: no cleanup, nothing acknowledged) right after its
+    #: N-th pipeline commit, before that commit's BarUpdates and dead letters are published; 0 = off. Used by
+    #: ``tests/integration/test_ingest_events_crash.py`` to die between commit and publish.
+    ingest_fault_exit_after_commits: int = Field(default=0, ge=0)

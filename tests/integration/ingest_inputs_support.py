@@ -1,14 +1,19 @@
 """Helpers of the ingest-inputs integration tests: real CSV ticks as TickBatches, settings for in-process or
-subprocess ingest, waiting for a drained consumer group, and reading every bar table for comparisons."""
+subprocess ingest (``python -m services.ingest`` started, awaited and killed), waiting for a drained consumer group,
+reading every bar table for comparisons, and the BarUpdates published vs the stored bars."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,9 +21,16 @@ import grpc
 import redis.asyncio as aioredis
 from optmon.v1 import market_pb2
 
+from services.common.domain.timeframes import Timeframe
 from services.devstack.pg import PgCluster
 from services.ingest.settings import IngestSettings
+from services.ingest.store.events import bars_key, strike_bar
+from services.ingest.store.pg import BAR_COLUMNS
 from tests.conftest import NIFTY_1MIN, cloned_database
+
+ROOT = Path(__file__).resolve().parents[2]
+#: ``(timeframe number, expiry, strike, bucket epoch s)``: one bar of one of the four bar tables.
+BarKey = tuple[int, str, float, int]
 
 #: Tables whose full content must match between an interrupted and an uninterrupted run.
 BAR_TABLES = ("bars_1m", "bars_5m", "bars_15m", "bars_1h", "bars_latest", "underlying_bars")
@@ -76,6 +88,51 @@ def subprocess_env(pg_dsn: str, redis_url: str, **over: str) -> dict[str, str]:
     })
     env.update(over)
     return env
+
+
+def spawn_ingest(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m services.ingest`` with ``env`` (see :func:`subprocess_env`), stderr appended to ``log``."""
+    with log.open("ab") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def log_tail(log: Path, n: int = 3000) -> str:
+    """The last ``n`` characters of a subprocess log (for assertion messages)."""
+    return log.read_text()[-n:]
+
+
+def consumer_prefix(proc: subprocess.Popen[bytes]) -> str:
+    """Start of the stream consumer name of an ingest subprocess (``<hostname>-<pid>-``)."""
+    return f"{socket.gethostname()}-{proc.pid}-"
+
+
+async def wait_acked(r: aioredis.Redis, key: str, proc: subprocess.Popen[bytes], acked: int, log: Path,
+                     limit_s: float = 60.0) -> None:
+    """Wait until group ``ingest`` acknowledged at least ``acked`` entries of ``key``; fails (with the log's tail)
+    if ``proc`` exits or nothing moves for ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while (await group_state(r, key))[0] < acked:
+        assert proc.poll() is None, log_tail(log)
+        assert time.monotonic() < deadline, "ingest made no progress: " + log_tail(log)
+        await asyncio.sleep(0.01)
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], log: Path, limit_s: float = 60.0) -> int:
+    """Wait (without blocking the event loop) until ``proc`` exits; returns its exit code."""
+    deadline = time.monotonic() + limit_s
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "ingest did not exit: " + log_tail(log)
+        await asyncio.sleep(0.02)
+    return proc.returncode
+
+
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """kill -9 and reap every process of ``procs`` still running (test clean-up)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 async def xadd_batches(r: aioredis.Redis, key: str, batches: list[market_pb2.TickBatch]) -> list[str]:
@@ -210,3 +267,52 @@ async def grpc_ingest(settings: Any) -> AsyncIterator[tuple[Any, grpc.aio.Channe
     finally:
         await channel.close()
         await app.stop()
+
+
+def _stream_id(entry_id: Any) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def last_event_id(r: aioredis.Redis, underlying: str = "NIFTY") -> str:
+    """Id of the newest entry of ``optmon:bars:<underlying>`` ("0-0" when empty)."""
+    newest = await r.xrevrange(bars_key(underlying), count=1)
+    return _stream_id(newest[0][0]) if newest else "0-0"
+
+
+async def bar_events(r: aioredis.Redis, after: str = "0-0",
+                     underlying: str = "NIFTY") -> tuple[list[Any], dict[BarKey, market_pb2.StrikeBar]]:
+    """The BarUpdates of ``optmon:bars:<underlying>`` after entry id ``after``, in order, and the last published
+    version of every bar in them."""
+    updates: list[Any] = []
+    last: dict[BarKey, market_pb2.StrikeBar] = {}
+    for _id, fields in await r.xrange(bars_key(underlying), min=f"({after}" if after != "0-0" else "-"):
+        upd = market_pb2.BarUpdate.FromString(fields[b"pb"])
+        updates.append(upd)
+        for b in upd.bars:
+            last[(int(upd.timeframe), b.expiry, b.strike, b.bucket_time.seconds)] = b
+    return updates, last
+
+
+async def stored_strike_bars(dsn: str) -> dict[BarKey, market_pb2.StrikeBar]:
+    """Every row of the four bar tables as the StrikeBar a BarUpdate would carry for it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        out: dict[BarKey, market_pb2.StrikeBar] = {}
+        for tf in Timeframe:
+            for row in await conn.fetch(f"SELECT {', '.join(BAR_COLUMNS)} FROM {tf.table}"):
+                b = strike_bar(row, tf)
+                out[(int(tf), b.expiry, b.strike, b.bucket_time.seconds)] = b
+        return out
+    finally:
+        await conn.close()
+
+
+def bars_of_ticks(batches: list[market_pb2.TickBatch]) -> set[BarKey]:
+    """Keys of the bars of every timeframe that contain an option tick of ``batches``."""
+    out: set[BarKey] = set()
+    for b in batches:
+        for t in b.option_ticks:
+            sec = t.exchange_time.seconds
+            for tf in Timeframe:
+                out.add((int(tf), t.expiry, t.strike, sec - sec % tf.seconds))
+    return out

@@ -15,9 +15,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import date
@@ -37,20 +35,23 @@ from services.ingest.store import migrations
 from tests.integration.ingest_inputs_support import (
     COLUMNS,
     chunked,
+    consumer_prefix,
     csv_snapshots,
     describe_diff,
     extra_database,
     fetch_bars,
     group_state,
+    kill_all,
     redis_db,
     reference_bars,
     settings_for,
+    spawn_ingest,
     subprocess_env,
+    wait_acked,
     wait_drained,
     xadd_batches,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "optmon:ticks:NIFTY"
 #: Seconds PostgreSQL stays down (issue 3 asks for 30 s).
 PG_OUTAGE_S = float(os.environ.get("OPTMON_TEST_PG_OUTAGE_S", "30"))
@@ -61,12 +62,6 @@ def _name(consumer: dict[object, object]) -> str:
     return n.decode() if isinstance(n, bytes) else str(n)
 
 
-def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as err:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-
-
 async def test_kill9_mid_replay_restart_equals_uninterrupted(pg_dsn: str, redis_url: str, pg_cluster: PgCluster,
                                                             tmp_path: Path) -> None:
     batches = chunked(csv_snapshots(14), 100)  # minutes split over several entries and commits
@@ -74,38 +69,31 @@ async def test_kill9_mid_replay_restart_equals_uninterrupted(pg_dsn: str, redis_
     log = tmp_path / "ingest.log"
     env = subprocess_env(pg_dsn, redis_url, OPTMON_INGEST_STREAM_READ_COUNT="2")
     procs: list[subprocess.Popen[bytes]] = []
-    async def run_until(proc: subprocess.Popen[bytes], acked: int) -> None:
-        deadline = time.monotonic() + 60
-        while (await group_state(r, KEY))[0] < acked:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "ingest made no progress: " + log.read_text()[-3000:]
-            await asyncio.sleep(0.01)
-
     try:
         await xadd_batches(r, KEY, batches)
         # 1. kill -9 a quarter of the way in
-        first = _spawn(env, log)
+        first = spawn_ingest(env, log)
         procs.append(first)
-        await run_until(first, len(batches) // 4)
+        await wait_acked(r, KEY, first, len(batches) // 4, log)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         acked_at_kill, pending_at_kill = await group_state(r, KEY)
         assert acked_at_kill < len(batches), "the replay finished before the kill"
         # 2. restart; SIGTERM half way: the in-flight batch is committed and acknowledged, exit code 0
-        second = _spawn(env, log)
+        second = spawn_ingest(env, log)
         procs.append(second)
-        await run_until(second, len(batches) // 2)
+        await wait_acked(r, KEY, second, len(batches) // 2, log)
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0, log.read_text()[-3000:]
         acked_at_term, _ = await group_state(r, KEY)
         # The SIGTERMed consumer leaves nothing of its own pending. (Entries of the kill -9ed one may still be
         # pending if they had not been idle long enough to reclaim; the third run must finish them.)
-        own = f"{socket.gethostname()}-{second.pid}-"
+        own = consumer_prefix(second)
         mine = [c for c in await r.xinfo_consumers(KEY, "ingest") if _name(c).startswith(own)]
         assert mine and int(mine[0]["pending"]) == 0, "SIGTERM left entries pending"
         assert acked_at_term < len(batches), "the replay finished before the SIGTERM"
         # 3. restart and finish
-        third = _spawn(env, log)
+        third = spawn_ingest(env, log)
         procs.append(third)
         await wait_drained(r, KEY, len(batches), limit_s=90)
         third.send_signal(signal.SIGTERM)
@@ -113,10 +101,7 @@ async def test_kill9_mid_replay_restart_equals_uninterrupted(pg_dsn: str, redis_
         consumers = await r.xinfo_consumers(KEY, "ingest")
         assert sum(int(c["pending"]) for c in consumers) == 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_all(procs)
         await r.aclose()
     got = await fetch_bars(pg_dsn)
     with extra_database(pg_cluster) as ref_dsn:

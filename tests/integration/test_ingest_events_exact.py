@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import asyncpg
 from optmon.v1 import market_pb2
 
-from services.common.domain.timeframes import Timeframe
-from services.ingest.store.events import bars_key, strike_bar
-from services.ingest.store.pg import BAR_COLUMNS
+from tests.integration.ingest_inputs_support import bar_events, stored_strike_bars
 from tests.integration.test_ingest_pipeline_support import pipeline, snapshots
 
 MINUTES = 8
@@ -47,22 +44,8 @@ async def test_last_event_of_every_bar_equals_its_row(pg_dsn: str, redis_url: st
         p._newest.clear()
         res = await p.process([(later, "test")])
         assert res.bar_updates == 4
-        entries = await r.xrange(bars_key("NIFTY"))
-    last: dict[tuple[int, str, float, int], market_pb2.StrikeBar] = {}
-    for _id, fields in entries:
-        upd = market_pb2.BarUpdate()
-        upd.ParseFromString(fields[b"pb"])
-        for b in upd.bars:
-            last[(upd.timeframe, b.expiry, b.strike, b.bucket_time.seconds)] = b
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        expected = {}
-        for tf in Timeframe:
-            for row in await conn.fetch(f"SELECT {', '.join(BAR_COLUMNS)} FROM {tf.table}"):
-                b = strike_bar(row, tf)
-                expected[(int(tf), b.expiry, b.strike, b.bucket_time.seconds)] = b
-    finally:
-        await conn.close()
+        _updates, last = await bar_events(r)
+    expected = await stored_strike_bars(pg_dsn)
     assert len(expected) > 1000
     assert last.keys() == expected.keys()
     assert [k for k in expected if last[k] != expected[k]] == []

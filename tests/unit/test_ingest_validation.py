@@ -46,7 +46,8 @@ def test_good_tick_accepted() -> None:
 def test_reason_names_are_enum_names_without_prefix() -> None:
     assert v.REASON_NAMES[v.NON_POSITIVE_LTP] == "NON_POSITIVE_LTP"
     assert v.reason_name(v.MALFORMED) == "MALFORMED"
-    assert len(v.REASON_NAMES) == 12
+    assert v.reason_name(v.POISON) == "POISON"
+    assert len(v.REASON_NAMES) == 13
 
 
 CASES: list[tuple[str, dict[str, Any], int]] = [
@@ -97,7 +98,8 @@ def test_option_reject_table(name: str, over: dict[str, Any], reason: int) -> No
 
 def test_every_reason_has_a_case() -> None:
     covered = {r for _, _, r in CASES} | {v.DUPLICATE, v.SUSPICIOUS_JUMP}
-    assert covered == set(v.REASON_NAMES)
+    # POISON is no tick rule: the stream input's delivery cap (tests/integration/test_ingest_events_crash.py)
+    assert covered | {v.POISON} == set(v.REASON_NAMES)
 
 
 def test_expiry_on_tick_date_is_fine_and_iv_500_inclusive() -> None:
@@ -161,6 +163,26 @@ def test_jump_reject_policy_rejects_until_confirmed() -> None:
     assert val.check_option(good_tick(ltp=150.0), NOW)[0] == v.SUSPICIOUS_JUMP
     reason, _, suspicious = val.check_option(good_tick(ltp=151.0), NOW)
     assert reason is None and suspicious
+
+
+def test_seeded_last_ltp_judges_the_first_tick_after_a_restart() -> None:
+    val = validator(ingest_jump_policy="reject", ingest_state_contracts=2)
+    t0_us = int(T0.timestamp()) * 1_000_000
+    later = ts(datetime(2026, 8, 18, 5, 14, tzinfo=UTC))
+
+    def call(strike: float) -> tuple[str, str, float, int]:
+        return ("NIFTY", "2026-08-25", strike, market_pb2.OPTION_TYPE_CALL)
+
+    assert val.check_option(good_tick(ltp=90.0, strike=24300.0), NOW)[0] is None  # tracked: not overwritten
+    seeds = [(call(24200.0), 100.0, t0_us), (call(24300.0), 500.0, t0_us), (call(24400.0), math.nan, t0_us),
+             (call(24500.0), 100.0, t0_us)]  # the last one is over the state bound
+    assert val.seed_last_ltp(seeds) == 1
+    assert val.contracts_tracked == 2
+    # a re-delivered tick (not newer than the committed close) is not judged against the seed
+    assert val.check_option(good_tick(ltp=300.0), NOW)[0] is None
+    assert val.check_option(good_tick(ltp=150.0, exchange_time=later), NOW)[0] == v.SUSPICIOUS_JUMP
+    assert val.check_option(good_tick(ltp=105.0, exchange_time=later), NOW)[0] is None
+    assert val.check_option(good_tick(ltp=95.0, strike=24300.0), NOW)[0] is None  # against 90, not 500
 
 
 def test_rollback_undoes_state_of_a_failed_attempt() -> None:

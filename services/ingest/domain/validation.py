@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from datetime import date, datetime
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ BAD_TIME = ingest_service_pb2.REJECT_REASON_BAD_TIME
 DUPLICATE = ingest_service_pb2.REJECT_REASON_DUPLICATE
 SUSPICIOUS_JUMP = ingest_service_pb2.REJECT_REASON_SUSPICIOUS_JUMP
 MALFORMED = ingest_service_pb2.REJECT_REASON_MALFORMED
+#: Not a tick rule: a stream entry that kept failing ingest (``services/ingest/inputs/streams.py``).
+POISON = ingest_service_pb2.REJECT_REASON_POISON
 
 #: RejectReason number → label without prefix, e.g. ``{1: "NON_POSITIVE_LTP", ...}`` (UNSPECIFIED excluded).
 REASON_NAMES: dict[int, str] = {
@@ -75,15 +78,17 @@ def parse_hhmm(text: str) -> int:
 
 
 class _ContractState:
-    """Validation memory of one contract: fingerprints of its last accepted ticks, its last accepted LTP and the
-    LTP of a jump rejected since (used by the "reject" policy to accept a move confirmed by the next tick)."""
+    """Validation memory of one contract: fingerprints of its last accepted ticks, its last accepted LTP, the
+    LTP of a jump rejected since (used by the "reject" policy to accept a move confirmed by the next tick), and —
+    while ``ltp`` is a seed from the committed bars rather than a tick seen — the exchange time of that close (µs)."""
 
-    __slots__ = ("fps", "ltp", "rejected_ltp")
+    __slots__ = ("fps", "ltp", "rejected_ltp", "seed_us")
 
     def __init__(self, window: int) -> None:
         self.fps: deque[int] = deque(maxlen=window)
         self.ltp = 0.0
         self.rejected_ltp = 0.0
+        self.seed_us = 0
 
 
 class Validator:
@@ -121,7 +126,7 @@ class Validator:
         self._now: datetime | None = None
         self._now_s = 0.0
         # Undo journal of the open attempt: contract → its state before the attempt (None: did not exist).
-        self._journal: dict[ContractKey, tuple[tuple[int, ...], float, float] | None] | None = None
+        self._journal: dict[ContractKey, tuple[tuple[int, ...], float, float, int] | None] | None = None
 
     # -- transactions --------------------------------------------------------------------------------------------
     def begin(self) -> None:
@@ -143,8 +148,25 @@ class Validator:
                 continue
             st = _ContractState(self._window)
             st.fps.extend(before[0])
-            st.ltp, st.rejected_ltp = before[1], before[2]
+            st.ltp, st.rejected_ltp, st.seed_us = before[1], before[2], before[3]
             self._state[key] = st
+
+    def seed_last_ltp(self, items: Iterable[tuple[ContractKey, float, int]]) -> int:
+        """Remember ``(contract, LTP ₹, exchange time µs)`` of contracts that have no state yet — the close of their
+        newest committed bar, loaded by a (re)starting pipeline — so that the first newer tick after a restart is
+        judged for an LTP jump as it would have been without the restart. A tick not newer than the seed (one
+        committed before the restart, re-delivered) is not judged for a jump and leaves the seed in place. Contracts
+        already tracked are left alone; the state bound holds. Returns how many contracts were seeded. (Duplicate
+        fingerprints cannot be recovered: bars keep no ticks.)"""
+        n = 0
+        for key, ltp, close_us in items:
+            if key in self._state or not (0.0 < ltp < math.inf) or len(self._state) >= self._cap:
+                continue
+            st = self._state[key] = _ContractState(self._window)
+            st.ltp = ltp
+            st.seed_us = close_us
+            n += 1
+        return n
 
     @property
     def contracts_tracked(self) -> int:
@@ -251,7 +273,7 @@ class Validator:
         st = state.get(key)
         journal = self._journal
         if journal is not None and key not in journal:
-            journal[key] = None if st is None else (tuple(st.fps), st.ltp, st.rejected_ltp)
+            journal[key] = None if st is None else (tuple(st.fps), st.ltp, st.rejected_ltp, st.seed_us)
         if st is None:
             st = state[key] = _ContractState(self._window)
             if len(state) > self._cap:
@@ -266,6 +288,13 @@ class Validator:
         fp = hash((ts, et.nanos, ltp, volume, oi, greeks, spot, fut))
         if fp in st.fps:
             return DUPLICATE, "exact duplicate of a recent tick of the contract", False
+        if st.seed_us:
+            if ts * 1_000_000 + et.nanos // 1000 <= st.seed_us:
+                # Not newer than the committed close that seeded the state: a tick committed before the restart
+                # (a re-delivered entry); the first processing judged it against what preceded it, unknown here.
+                st.fps.append(fp)
+                return None, "", False
+            st.seed_us = 0
         suspicious = False
         prev = st.ltp
         if prev and abs(ltp - prev) > self._jump * prev:

@@ -31,7 +31,7 @@ Batches = Sequence[tuple[market_pb2.TickBatch, str]]
 class PipelineLike(Protocol):
     """What the committer needs of ``services.ingest.pipeline.Pipeline``."""
 
-    async def process(self, batches: Batches) -> Any: ...
+    async def process(self, batches: Batches, *, republish: bool = False) -> Any: ...
 
 
 class Overloaded(Exception):
@@ -159,8 +159,11 @@ class Committer:
             except Exception:
                 log.exception("ingest.health_update_failed")
 
-    async def commit(self, batches: Batches, on_retry: Callable[[], Awaitable[None]] | None = None) -> Any:
-        """``pipeline.process(batches)`` until it succeeds; returns its ``ProcessResult``.
+    async def commit(self, batches: Batches, on_retry: Callable[[], Awaitable[None]] | None = None, *,
+                     republish: bool = False) -> Any:
+        """``pipeline.process(batches)`` until it succeeds; returns its ``ProcessResult``. ``republish``: the
+        batches may have been committed before without their BarUpdates (re-delivered stream entries): passed to
+        ``process``, which then publishes every bar they touch.
 
         Retries (exponential back-off from ``retry_initial_s`` to ``retry_max_s``) while PostgreSQL or Redis is
         unreachable, awaiting ``on_retry`` before each pause (the stream consumer refreshes its pending entries
@@ -175,7 +178,8 @@ class Committer:
                 if self._validator is not None:
                     self._validator.begin()
                 try:
-                    result = await self._pipeline.process(batches)
+                    result = await (self._pipeline.process(batches, republish=True) if republish
+                                    else self._pipeline.process(batches))
                 except self._db_errors as exc:
                     cause, err = "database", exc
                 except REDIS_ERRORS as exc:

@@ -4,9 +4,12 @@ Each entry holds one serialized ``optmon.v1.TickBatch`` in field ``pb``. The con
 loops: wait until the in-memory bound has room → ``XREADGROUP ... COUNT ingest_stream_read_count BLOCK ...`` over
 every configured underlying → one ``Committer.commit`` for all the entries read → ``XACK`` them. An entry is
 acknowledged only after the commit containing its ticks returned, so a crash (even kill -9) loses nothing: the
-entries stay pending and are reclaimed with ``XAUTOCLAIM`` once idle for ``ingest_claim_idle_ms`` (by any replica,
-or by the restarted process, which reclaims them *before* reading new entries). Reprocessing a committed but
-unacknowledged entry is harmless because the pipeline's bar upserts are idempotent.
+entries stay pending and are reclaimed (``XPENDING ... IDLE`` + ``XCLAIM``) once idle for ``ingest_claim_idle_ms`` (by
+any replica, or by the restarted process, which reclaims them *before* reading new entries). Reprocessing a committed
+but unacknowledged entry changes no bar (the pipeline's upserts are idempotent); a reclaimed entry is processed on
+its own and in republish mode, which publishes every bar it touches, so BarUpdates of a commit that died before its
+publish still go out (at least once). An entry delivered more than ``ingest_max_deliveries`` times is not processed
+again: it is dead-lettered as POISON and acknowledged.
 
 Undecodable entries (no ``pb`` field, or bytes that are not a TickBatch) are written to the dead-letter stream as
 MALFORMED with the raw payload, counted, and acknowledged: never a crash, never silent.
@@ -32,7 +35,7 @@ import structlog
 from google.protobuf.message import DecodeError
 from optmon.v1 import ingest_service_pb2, market_pb2
 
-from services.ingest.domain.validation import MALFORMED, REASON_NAMES
+from services.ingest.domain.validation import MALFORMED, POISON, REASON_NAMES
 from services.ingest.inputs import metrics
 from services.ingest.inputs.committer import REDIS_ERRORS, Committer, CommitterClosed, count_ticks
 from services.ingest.settings import IngestSettings
@@ -180,8 +183,9 @@ class StreamConsumer:
             pass
 
     # -- one batch of entries ------------------------------------------------------------------------------------
-    async def _handle(self, entries: Sequence[tuple[str, str, Any]]) -> None:
-        """Decode, commit, dead-letter the undecodable ones, then XACK all of them."""
+    async def _handle(self, entries: Sequence[tuple[str, str, Any]], republish: bool = False) -> None:
+        """Decode, commit, dead-letter the undecodable ones, then XACK all of them. ``republish``: re-delivered
+        entries (see :meth:`claim_idle`)."""
         batches: list[tuple[market_pb2.TickBatch, str]] = []
         dead: list[ingest_service_pb2.DeadLetter] = []
         for key, eid, fields in entries:
@@ -203,7 +207,7 @@ class StreamConsumer:
             n = sum(count_ticks(b) for b, _ in batches)
             await self._committer.reserve(n)
             try:
-                await self._commit(batches, entries)
+                await self._commit(batches, entries, republish)
             finally:
                 await self._committer.release(n)
         if dead:
@@ -215,7 +219,7 @@ class StreamConsumer:
         await self._ack(entries)
 
     async def _commit(self, batches: list[tuple[market_pb2.TickBatch, str]],
-                      entries: Sequence[tuple[str, str, Any]]) -> None:
+                      entries: Sequence[tuple[str, str, Any]], republish: bool = False) -> None:
         ids_by_key: dict[str, list[Any]] = {}
         for key, eid, _ in entries:
             ids_by_key.setdefault(key, []).append(eid)
@@ -226,7 +230,7 @@ class StreamConsumer:
                 await self._redis.xclaim(key, GROUP, self.name, 0, ids, justid=True)
 
         try:
-            await self._committer.commit(batches, on_retry=keep_claimed)
+            await self._committer.commit(batches, on_retry=keep_claimed, republish=republish)
             return
         except CommitterClosed:
             raise
@@ -234,12 +238,13 @@ class StreamConsumer:
             log.exception("ingest.batch_failed_isolating", entries=len(batches))
         # A batch the pipeline cannot process (not an outage: those are retried inside commit). Retry entry by entry,
         # a few times each, so a single poison entry cannot block the stream; one that keeps failing on its own goes
-        # to the dead-letter stream (MALFORMED, raw TickBatch bytes) and is acknowledged with the others.
+        # to the dead-letter stream (POISON, raw TickBatch bytes) and is acknowledged with the others. The failure
+        # may have come after the commit (events, dead letters), so the retries republish.
         for one in batches:
             delay = self._settings.ingest_retry_initial_s
             for attempt in range(3):
                 try:
-                    await self._committer.commit([one], on_retry=keep_claimed)
+                    await self._committer.commit([one], on_retry=keep_claimed, republish=True)
                     break
                 except CommitterClosed:
                     raise
@@ -250,11 +255,11 @@ class StreamConsumer:
                         continue
                     log.exception("ingest.entry_dead_lettered", source=one[1])
                     item = ingest_service_pb2.DeadLetter(
-                        reason=MALFORMED, detail=f"pipeline error: {e!r}"[:500], source=one[1],
-                        raw=one[0].SerializeToString())
+                        reason=POISON, detail=f"failed the pipeline 3 times on its own: {e!r}"[:500],
+                        source=one[1], raw=one[0].SerializeToString())
                     await self._retry_redis(lambda item=item: write_dead_letters(
                         self._redis, [item], maxlen=self._settings.ingest_deadletter_maxlen))
-                    await _increment_rejected(REASON_NAMES[MALFORMED], count_ticks(one[0]))
+                    await _increment_rejected(REASON_NAMES[POISON], max(1, count_ticks(one[0])))
 
     async def _retry_redis(self, op: Any) -> Any:
         """Run a Redis operation until it succeeds (the ticks are committed; they must now be acknowledged)."""
@@ -285,26 +290,78 @@ class StreamConsumer:
 
     # -- recovery and trimming -----------------------------------------------------------------------------------
     async def claim_idle(self) -> int:
-        """XAUTOCLAIM every entry idle longer than ``ingest_claim_idle_ms`` on every stream and process it; returns
-        how many entries were reclaimed."""
+        """Take over every entry idle longer than ``ingest_claim_idle_ms`` on every stream (entries of a consumer
+        that died or is stuck), one at a time in stream order; returns how many were taken over.
+
+        Each one is ``XCLAIM``ed (which adds one to its delivery count; skipped when another consumer took it
+        meanwhile), then, by its delivery count (``XPENDING``):
+
+        - more than ``ingest_max_deliveries``: not processed again — written to the dead-letter stream as POISON
+          with its bytes, counted, logged and acknowledged (:meth:`_poison`);
+        - else processed on its own (one commit: a poison entry cannot take the entries after it to the cap with it,
+          they are not even claimed while it crashes the process) in republish mode: its first processing may have
+          committed and died before publishing, so every bar it touches is published again (at-least-once events).
+        """
         total = 0
-        count = self._settings.ingest_stream_read_count
+        idle = self._settings.ingest_claim_idle_ms
         for key in self.keys:
-            cursor = "0-0"
-            while True:
-                resp = await self._redis.xautoclaim(
-                    key, GROUP, self.name, self._settings.ingest_claim_idle_ms, start_id=cursor, count=count)
-                cursor = _s(resp[0])
-                entries = [(key, _s(eid), fields) for eid, fields in resp[1] if fields is not None]
-                if entries:
-                    total += len(entries)
-                    metrics.STREAM_CLAIMED.inc(len(entries))
-                    log.info("ingest.stream_reclaimed", stream=key, entries=len(entries))
-                    await self._handle(entries)
-                if cursor == "0-0":
+            start = "-"
+            while not self._stopping.is_set():
+                idle_entries = await self._redis.xpending_range(
+                    key, GROUP, min=start, max="+", count=self._settings.ingest_stream_read_count, idle=idle)
+                if not idle_entries:
                     break
+                for p in idle_entries:
+                    if self._stopping.is_set():
+                        break
+                    eid = _s(p["message_id"])
+                    start = "(" + eid
+                    claimed: list[tuple[Any, Any]] = await self._redis.xclaim(  # type: ignore[assignment]
+                        key, GROUP, self.name, idle, [eid])
+                    entries = [(key, _s(i), f) for i, f in claimed if f is not None]
+                    if not entries:
+                        continue  # claimed by another consumer meanwhile, or deleted from the stream
+                    deliveries = await self._deliveries(key, eid)
+                    total += 1
+                    metrics.STREAM_CLAIMED.inc()
+                    if deliveries > self._settings.ingest_max_deliveries:
+                        await self._poison(entries[0], deliveries)
+                    else:
+                        log.info("ingest.stream_reclaimed", stream=key, entry=eid, deliveries=deliveries)
+                        await self._handle(entries, republish=True)
         self.claimed += total
         return total
+
+    async def _deliveries(self, key: str, eid: str) -> int:
+        """Delivery count of the pending entry ``eid`` (1 = first read); 0 when it is not pending."""
+        rows = await self._redis.xpending_range(key, GROUP, min=eid, max=eid, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 0
+
+    async def _poison(self, entry: tuple[str, str, Any], deliveries: int) -> None:
+        """Dead-letter (POISON, the entry's bytes in ``raw``) and acknowledge an entry delivered ``deliveries``
+        times, more than the cap; counts its ticks (at least 1) in ``optmon_ingest_rejected_total{reason="POISON"}``.
+        Its ticks may have been committed by a delivery that died after the commit: the dead letter keeps them for
+        a manual replay."""
+        key, eid, fields = entry
+        raw = fields.get(b"pb") if isinstance(fields, dict) else None
+        ticks = 1
+        if raw is not None:
+            try:
+                ticks = max(1, count_ticks(market_pb2.TickBatch.FromString(raw)))
+            except (DecodeError, ValueError):
+                pass
+        cap = self._settings.ingest_max_deliveries
+        item = ingest_service_pb2.DeadLetter(
+            reason=POISON, source=f"stream:{key}:{eid}",
+            detail=(f"entry {eid} delivered {deliveries} times, more than OPTMON_INGEST_MAX_DELIVERIES={cap}: ingest "
+                    "died or was stopped while processing it each time; not processed again"),
+            raw=raw if raw is not None else repr(fields).encode()[:65536])
+        await self._retry_redis(lambda: write_dead_letters(
+            self._redis, [item], maxlen=self._settings.ingest_deadletter_maxlen))
+        await _increment_rejected(REASON_NAMES[POISON], ticks)
+        log.error("ingest.entry_poison", stream=key, entry=eid, deliveries=deliveries, max_deliveries=cap,
+                  ticks=ticks)
+        await self._ack([entry])
 
     async def _others_pending(self) -> int:
         """Pending entries owned by other consumers that look dead (idle beyond a few read blocks)."""

@@ -364,8 +364,17 @@ PARTITION_FILLFACTOR = 70
 
 async def ensure_partitions(conn: asyncpg.Connection, first: dt.date, last: dt.date) -> int:
     """Create the daily partitions of every bar table for [first, last] (UTC days) and set their fill factor to
-    :data:`PARTITION_FILLFACTOR`; returns how many partitions were created."""
-    n = int(await conn.fetchval("SELECT optmon_ensure_partitions($1::date, $2::date)", first, last))
+    :data:`PARTITION_FILLFACTOR`; returns how many partitions were created. Call outside a transaction: when another
+    session creates the same partition at the same moment (two replicas at a day's first tick), PostgreSQL fails the
+    loser's CREATE with a unique or duplicate-table violation once the winner commits; the call is then retried (the
+    partition exists by then)."""
+    for attempt in range(3):
+        try:
+            n = int(await conn.fetchval("SELECT optmon_ensure_partitions($1::date, $2::date)", first, last))
+            break
+        except (asyncpg.exceptions.UniqueViolationError, asyncpg.exceptions.DuplicateTableError):
+            if attempt == 2:
+                raise
     if n:
         day = first
         while day <= last:
@@ -416,14 +425,14 @@ async def load_listed_strikes(conn: asyncpg.Connection, since_s: int) -> list[as
 
 async def load_leg_states(conn: asyncpg.Connection, side: str, since_s: int) -> list[asyncpg.Record]:
     """The two newest 1-minute bars with data for ``side`` of every contract since ``since_s``, newest first:
-    (underlying, expiry, strike, rn, bucket_s, close_us, oi, day_volume)."""
+    (underlying, expiry, strike, rn, bucket_s, close_us, oi, day_volume, close (₹))."""
     assert side in SIDES
     return await conn.fetch(
         f"SELECT * FROM (SELECT underlying, expiry::text AS expiry, strike, "
         f"row_number() OVER (PARTITION BY underlying, expiry, strike ORDER BY bucket_time DESC) AS rn, "
         f"extract(epoch FROM bucket_time)::int8 AS bucket_s, "
         f"(extract(epoch FROM {side}_close_time) * 1000000)::int8 AS close_us, "
-        f"{side}_oi AS oi, {side}_day_volume AS day_volume FROM bars_1m "
+        f"{side}_oi AS oi, {side}_day_volume AS day_volume, {side}_close AS close FROM bars_1m "
         f"WHERE bucket_time >= to_timestamp($1) AND {side}_close_time IS NOT NULL) x WHERE rn <= 2", since_s)
 
 
@@ -491,6 +500,37 @@ async def refresh_moneyness(conn: asyncpg.Connection, tf: Timeframe,
     if not groups or not groups[0]:
         return []
     return await conn.fetch(REFRESH_SQL[tf], *groups)
+
+
+def _read_bars_sql(tf: Timeframe) -> str:
+    """Every ``tf`` bar (columns :data:`BAR_COLUMNS`) of the given (underlying, expiry, bucket) groups ($1 underlying,
+    $2 expiry text, $3 bucket epoch s), then every ``tf`` bar of the given contracts in the given bucket ranges ($4
+    underlying, $5 expiry text, $6 strike, $7 from epoch s inclusive, $8 to epoch s exclusive). A bar in both parts
+    comes twice."""
+    cols = ", ".join(f"m.{c}" for c in BAR_COLUMNS)
+    return (
+        f"SELECT {cols} FROM unnest($1::text[], $2::text[], $3::int8[]) AS g(u, e, b) "
+        f"JOIN {tf.table} m ON m.underlying = g.u AND m.expiry = g.e::date AND m.bucket_time = to_timestamp(g.b) "
+        f"UNION ALL SELECT {cols} FROM unnest($4::text[], $5::text[], $6::float8[], $7::int8[], $8::int8[]) "
+        f"AS r(u, e, s, lo, hi) JOIN {tf.table} m ON m.underlying = r.u AND m.expiry = r.e::date AND m.strike = r.s "
+        f"AND m.bucket_time >= to_timestamp(r.lo) AND m.bucket_time < to_timestamp(r.hi)"
+    )
+
+
+READ_BARS_SQL = {tf: _read_bars_sql(tf) for tf in Timeframe}
+
+
+async def read_bars(conn: asyncpg.Connection, tf: Timeframe, groups: Sequence[Sequence[Any]],
+                    ranges: Sequence[Sequence[Any]]) -> list[asyncpg.Record]:
+    """The stored ``tf`` bars (columns :data:`BAR_COLUMNS`) of whole (underlying, expiry, bucket) ``groups`` (3
+    arrays: underlying, expiry text, bucket_s) and of contracts over bucket ``ranges`` (5 arrays: underlying, expiry
+    text, strike, from_s inclusive, to_s exclusive). Used to publish again the bars of re-delivered stream entries
+    (``Pipeline.process(..., republish=True)``); a bar may appear twice."""
+    if not (groups and groups[0]) and not (ranges and ranges[0]):
+        return []
+    g = [list(a) for a in groups] if groups and groups[0] else [[], [], []]
+    r = [list(a) for a in ranges] if ranges and ranges[0] else [[], [], [], [], []]
+    return await conn.fetch(READ_BARS_SQL[tf], *g, *r)
 
 
 _TX_SETTINGS_SQL = "SET LOCAL jit = off; SET LOCAL work_mem = '32MB'"
