@@ -47,6 +47,14 @@ def _time(msg: Any, field: str) -> datetime | None:
     return getattr(msg, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
+def _stale_field(response_cls: Any) -> int:
+    """Field number of the ``bool stale`` field of a response message (every view's response has one)."""
+    f = response_cls.DESCRIPTOR.fields_by_name["stale"]
+    if f.type != f.TYPE_BOOL:
+        raise TypeError(f"{response_cls.DESCRIPTOR.full_name}.stale is not a bool")
+    return f.number  # type: ignore[no-any-return]
+
+
 def _parse(cls: Any, raw: bytes) -> Any:
     try:
         return cls.FromString(raw)
@@ -66,70 +74,75 @@ class QueryServicer:
         self.steps = dict(settings.strike_steps)
         s, steps = settings, self.steps
 
-        def dist_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def dist_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetStrikeDistributionRequest, raw)
             q = validate_distribution(r.underlying, r.timeframe, list(r.expiries), r.strikes_around_atm,
                                       list(r.indicators), _time(r, "as_of_time"), steps)
-            return q, (q.underlying, int(q.timeframe))
+            return q, (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def dist_compute(q: Any) -> bytes:
             resp = await views.strike_distribution(store, q, steps[q.underlying], s.query_carry_buckets)
             return resp.SerializeToString()  # type: ignore[no-any-return]
 
-        def series_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def series_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetMoneynessSeriesRequest, raw)
             q = validate_series(r.underlying, r.timeframe, list(r.expiries), r.indicator, r.side, r.levels,
                                 _time(r, "start_time"), _time(r, "end_time"), steps)
-            return q, (q.underlying, int(q.timeframe))
+            return q, (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def series_compute(q: Any) -> bytes:
             return (await views.moneyness_series(store, q)).SerializeToString()  # type: ignore[no-any-return]
 
-        def chain_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def chain_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetOptionChainRequest, raw)
             q = validate_chain(r.underlying, r.expiry, _time(r, "as_of_time"), steps)
-            return q, (q.underlying, 1)
+            return q, (q.underlying, 1), r.SerializeToString()
 
         async def chain_compute(q: Any) -> bytes:
             resp = await views.option_chain(store, q, steps[q.underlying], s.query_carry_buckets,
                                             s.query_iv_history_days)
             return resp.SerializeToString()  # type: ignore[no-any-return]
 
-        def bars_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def bars_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.ListBarsRequest, raw)
             q = validate_bars(r.underlying, r.timeframe, r.expiry, r.strike, r.option_type, _time(r, "start_time"),
                               _time(r, "end_time"), r.page_size, None, datetime.now(UTC), steps)
             fp = pagetoken.fingerprint(q.underlying, int(q.timeframe), r.expiry, r.strike, r.option_type,
                                        r.start_time.ToMicroseconds() if r.HasField("start_time") else "",
                                        r.end_time.ToMicroseconds() if r.HasField("end_time") else "")
-            return (q, r.page_token, fp), (q.underlying, int(q.timeframe))
+            return (q, r.page_token, fp), (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def bars_compute(a: Any) -> bytes:
             q, token, fp = a
             return (await views.list_bars(store, q, token, fp)).SerializeToString()  # type: ignore[no-any-return]
 
-        def exp_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def exp_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.ListExpiriesRequest, raw)
             q = validate_chain(r.underlying, "", None, steps)
-            return q.underlying, (q.underlying, 1)
+            return q.underlying, (q.underlying, 1), r.SerializeToString()
 
         async def exp_compute(u: Any) -> bytes:
             return (await views.list_expiries(store, u)).SerializeToString()  # type: ignore[no-any-return]
 
-        def und_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
-            _parse(q_pb2.ListUnderlyingsRequest, raw)
-            return None, (ALL, 0)
+        def und_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
+            r = _parse(q_pb2.ListUnderlyingsRequest, raw)
+            return None, (ALL, 0), r.SerializeToString()
 
         async def und_compute(_: Any) -> bytes:
             return (await views.list_underlyings(store, steps)).SerializeToString()  # type: ignore[no-any-return]
 
+        # The last argument: the response's `stale` field number (set on answers served while PostgreSQL is down).
         self.methods: dict[str, Method] = {
-            "GetStrikeDistribution": Method("GetStrikeDistribution", dist_parse, dist_compute, 6),
-            "GetMoneynessSeries": Method("GetMoneynessSeries", series_parse, series_compute, 8),
-            "GetOptionChain": Method("GetOptionChain", chain_parse, chain_compute, 17),
-            "ListBars": Method("ListBars", bars_parse, bars_compute, 0),
-            "ListExpiries": Method("ListExpiries", exp_parse, exp_compute, 0),
-            "ListUnderlyings": Method("ListUnderlyings", und_parse, und_compute, 0),
+            "GetStrikeDistribution": Method("GetStrikeDistribution", dist_parse, dist_compute,
+                                            _stale_field(q_pb2.GetStrikeDistributionResponse)),
+            "GetMoneynessSeries": Method("GetMoneynessSeries", series_parse, series_compute,
+                                         _stale_field(q_pb2.GetMoneynessSeriesResponse)),
+            "GetOptionChain": Method("GetOptionChain", chain_parse, chain_compute,
+                                     _stale_field(q_pb2.GetOptionChainResponse)),
+            "ListBars": Method("ListBars", bars_parse, bars_compute, _stale_field(q_pb2.ListBarsResponse)),
+            "ListExpiries": Method("ListExpiries", exp_parse, exp_compute, _stale_field(q_pb2.ListExpiriesResponse)),
+            "ListUnderlyings": Method("ListUnderlyings", und_parse, und_compute,
+                                      _stale_field(q_pb2.ListUnderlyingsResponse)),
         }
         for name, cls in JSON_TWINS.items():
             self.methods[name + "Json"] = Method.derived(name + "Json", self.methods[name], json_renderer(cls))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -13,6 +16,8 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 from google.api import httpbody_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from optmon.v1 import market_pb2
 from optmon.v1 import query_service_pb2 as q
 from optmon.v1 import query_service_pb2_grpc as qg
@@ -21,9 +26,13 @@ from prometheus_client import REGISTRY
 from services.devstack.pg import PgCluster
 from services.devstack.redis import RedisServer, free_port
 from services.ingest.store import migrations
+from services.query.jsonbody import to_json
 from services.query.server import create_server, stop_server
+from services.query.servicer import JSON_TWINS
 from tests.support import query_fixtures
 from tests.support.load_bars import load_nifty_day
+
+from .gateway_support import gateway_config, http_request, start_envoy
 
 pytestmark = pytest.mark.integration
 settings = query_fixtures.query_settings
@@ -104,6 +113,30 @@ async def test_l2_shared_by_replicas_compressed(bars_dsn: str, redis_url: str) -
         await stop_server(b)
 
 
+async def test_one_request_encoded_differently_shares_l2_and_pg(bars_dsn: str, redis_url: str) -> None:
+    """Envoy's transcoder writes a request's fields in query-parameter order: the same request in other bytes
+    (here: fields concatenated in reverse order, protobuf's merge) is another L1 key but the same L2 entry and
+    single-flight (keyed by the canonical bytes), so it costs no second PostgreSQL computation."""
+    server, port = await create_server(settings(bars_dsn, redis_url, query_consume_updates=False))
+    canonical = _day(q.ListBarsRequest(underlying="NIFTY", timeframe=2))
+    parts = [q.ListBarsRequest(end_time=canonical.end_time), q.ListBarsRequest(start_time=canonical.start_time),
+             q.ListBarsRequest(timeframe=2), q.ListBarsRequest(underlying="NIFTY")]
+    reordered = b"".join(p.SerializeToString() for p in parts)
+    assert reordered != canonical.SerializeToString() and q.ListBarsRequest.FromString(reordered) == canonical
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/optmon.v1.QueryService/ListBars")
+            first = await call(canonical.SerializeToString())
+            await server.optmon_app.cache.drain()
+            l2_hits = _count("optmon_query_cache_hits_total", "l2", "ListBars")
+            l2_misses = _count("optmon_query_cache_misses_total", "l2", "ListBars")
+            assert await call(reordered) == first
+            assert _count("optmon_query_cache_hits_total", "l2", "ListBars") == l2_hits + 1
+            assert _count("optmon_query_cache_misses_total", "l2", "ListBars") == l2_misses
+    finally:
+        await stop_server(server)
+
+
 async def test_warming_after_update(bars_dsn: str, redis_url: str) -> None:
     server, port = await create_server(settings(bars_dsn, redis_url, query_warm_debounce_ms=10))
     app = server.optmon_app
@@ -147,8 +180,74 @@ async def test_redis_down_still_answers_then_recovers(bars_dsn: str, tmp_path: P
         rs.stop()
 
 
+def _day(req: Any) -> Any:
+    """``req`` with start/end covering the 18-Aug day (UTC)."""
+    req.start_time.FromDatetime(datetime(2026, 8, 18, tzinfo=UTC))
+    req.end_time.FromDatetime(datetime(2026, 8, 19, tzinfo=UTC))
+    return req
+
+
+def _every_view(expiry: str, strike: float) -> list[tuple[str, Any, Any, str]]:
+    """(RPC, request cached before the outage, a request never asked, REST path of the cached request) of every
+    view. Requests without parameters (ListUnderlyings, ListExpiries of the one underlying with data) have no
+    uncached variant on the warm server; the cold replica covers them."""
+    bars = _day(q.ListBarsRequest(underlying="NIFTY", expiry=expiry, strike=strike, option_type=1))
+    return [
+        ("GetStrikeDistribution", DEFAULT, q.GetStrikeDistributionRequest(underlying="NIFTY", strikes_around_atm=4),
+         "/v1/underlyings/NIFTY/strike-distribution"),
+        ("GetMoneynessSeries", q.GetMoneynessSeriesRequest(underlying="NIFTY"),
+         q.GetMoneynessSeriesRequest(underlying="NIFTY", levels=3), "/v1/underlyings/NIFTY/moneyness-series"),
+        ("GetOptionChain", q.GetOptionChainRequest(underlying="NIFTY"),
+         q.GetOptionChainRequest(underlying="NIFTY", expiry=expiry), "/v1/underlyings/NIFTY/option-chain"),
+        ("ListBars", bars, _day(q.ListBarsRequest(underlying="NIFTY")),
+         f"/v1/underlyings/NIFTY/bars?expiry={expiry}&strike={strike:g}&option_type=OPTION_TYPE_CALL"
+         "&start_time=2026-08-18T00:00:00Z&end_time=2026-08-19T00:00:00Z"),
+        ("ListExpiries", q.ListExpiriesRequest(underlying="NIFTY"), None, "/v1/underlyings/NIFTY/expiries"),
+        ("ListUnderlyings", q.ListUnderlyingsRequest(), None, "/v1/underlyings"),
+    ]
+
+
+async def _pb(ch: grpc.aio.Channel, rpc: str, req: Any) -> Any:
+    """The protobuf RPC's answer, parsed."""
+    raw = await ch.unary_unary(f"/optmon.v1.QueryService/{rpc}")(req.SerializeToString())
+    return getattr(q, rpc + "Response").FromString(raw)
+
+
+async def _json_twin(ch: grpc.aio.Channel, rpc: str, req: Any) -> Any:
+    """The ``<rpc>Json`` twin's body, parsed."""
+    raw = await ch.unary_unary(f"/optmon.v1.QueryService/{rpc}Json")(req.SerializeToString())
+    return json.loads(httpbody_pb2.HttpBody.FromString(raw).data)
+
+
+def _marked(resp: Any, stale: bool) -> Any:
+    """A copy of ``resp`` with ``stale`` set."""
+    out = type(resp)()
+    out.CopyFrom(resp)
+    out.stale = stale
+    return out
+
+
+async def _assert_unavailable(call: Awaitable[Any], what: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await call
+    err = ei.value
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, (what, err.code(), err.details())
+    assert (err.details() or "").startswith("PostgreSQL unavailable: "), (what, err.details())
+    info = error_details_pb2.ErrorInfo()
+    status = rpc_status.from_call(err)
+    assert status is not None and status.details[0].Unpack(info) and info.reason == "DEPENDENCY_UNAVAILABLE"
+
+
+def _served(name: str, method: str) -> float:
+    return REGISTRY.get_sample_value(name, {"method": method}) or 0.0
+
+
 async def test_postgres_down_serves_stale_or_unavailable_then_recovers(
-        redis_url: str, tmp_root: Path, nifty_1min_csv: Path) -> None:
+        redis_url: str, tmp_root: Path, nifty_1min_csv: Path, tmp_path: Path) -> None:
+    """Every view, protobuf, JSON twin and REST path: PostgreSQL stopped → the cached answer with stale=true (the
+    same answer otherwise), an uncached request (other parameters, or a cold replica with its own empty Redis)
+    → UNAVAILABLE "PostgreSQL unavailable: …" / HTTP 503; PostgreSQL back → fresh answers, stale=false, with no
+    restart."""
     root = tmp_root / f"pg-down-{free_port()}"  # tmp_root is world-readable: initdb runs as postgres
     cluster = PgCluster(root=root, port=free_port())
     cluster.init()
@@ -157,34 +256,60 @@ async def test_postgres_down_serves_stale_or_unavailable_then_recovers(
         migrations.apply(cluster.dsn)
         await load_nifty_day(cluster.dsn, nifty_1min_csv, minutes=20)
         server, port = await create_server(settings(cluster.dsn, redis_url, query_pg_connect_timeout_s=1.0))
+        cold_redis = redis_url.rsplit("/", 1)[0] + "/1"  # an empty Redis database: no L2 / last-good copies
+        cold, cold_port = await create_server(settings(cluster.dsn, cold_redis, query_pg_connect_timeout_s=1.0))
+        gw = await start_envoy(tmp_path / "envoy", gateway_config(port, free_port()))
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                st = qg.QueryServiceStub(ch)
-                fresh = await st.GetStrikeDistribution(DEFAULT)
-                assert not fresh.stale
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch, \
+                    grpc.aio.insecure_channel(f"127.0.0.1:{cold_port}") as cold_ch:
+                e0 = (await _pb(ch, "GetStrikeDistribution", DEFAULT)).expiries[0]
+                views = _every_view(e0.expiry, e0.atm_strike)
+                fresh = {}
+                for rpc, req, _, _ in views:
+                    fresh[rpc] = await _pb(ch, rpc, req)
+                    assert not fresh[rpc].stale, rpc
+                assert fresh["ListBars"].s == "ok" and fresh["ListUnderlyings"].underlyings
+                await server.optmon_app.cache.drain()  # L2 + last-good copies written
+
                 cluster.stop("fast")
-                await _publish(redis_url, 1)  # new data announced while PostgreSQL is down
-                stale = await st.GetStrikeDistribution(DEFAULT)
-                assert stale.stale and stale.expiries == fresh.expiries
-                # the gateway's JSON (never asked before the outage): the protobuf's stale answer, rendered
-                stale_json = json.loads(httpbody_pb2.HttpBody.FromString(await ch.unary_unary(
-                    "/optmon.v1.QueryService/GetStrikeDistributionJson")(DEFAULT.SerializeToString())).data)
-                assert stale_json["stale"] is True and len(stale_json["expiries"]) == len(fresh.expiries)
-                with pytest.raises(grpc.aio.AioRpcError) as ei:
-                    await st.GetOptionChain(q.GetOptionChainRequest(underlying="NIFTY"))
-                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "PostgreSQL" in ei.value.details()
-                with pytest.raises(grpc.aio.AioRpcError) as ei:
-                    await ch.unary_unary("/optmon.v1.QueryService/GetOptionChainJson")(
-                        q.GetOptionChainRequest(underlying="NIFTY").SerializeToString())
-                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
-                cluster.start()
-                back = await st.GetStrikeDistribution(DEFAULT)
-                assert not back.stale and back.expiries == fresh.expiries
-                back_json = json.loads(httpbody_pb2.HttpBody.FromString(await ch.unary_unary(
-                    "/optmon.v1.QueryService/GetStrikeDistributionJson")(DEFAULT.SerializeToString())).data)
-                assert back_json["stale"] is False
-                assert (await st.GetOptionChain(q.GetOptionChainRequest(underlying="NIFTY"))).rows
+                # new 1M and 5M data announced while PostgreSQL is down (as ingest does): every entry is old
+                await _publish(redis_url, 1, tf=1)
+                await _publish(redis_url, 2, tf=2)
+                for rpc, req, other, path in views:
+                    stale_before = _served("optmon_query_stale_served_total", rpc)
+                    assert await _pb(ch, rpc, req) == _marked(fresh[rpc], True), rpc
+                    assert _served("optmon_query_stale_served_total", rpc) == stale_before + 1, rpc
+                    # the JSON (never asked before the outage): the protobuf's stale answer, rendered
+                    want_json = json.loads(to_json(_marked(fresh[rpc], True)))
+                    if rpc in JSON_TWINS:
+                        assert await _json_twin(ch, rpc, req) == want_json, rpc
+                    r = await http_request(gw.url, path)
+                    assert r.status == 200 and r.json() == want_json, (rpc, r.status, r.body[:300])
+                    if other is not None:
+                        unavailable_before = _served("optmon_query_unavailable_total", rpc)
+                        await _assert_unavailable(_pb(ch, rpc, other), rpc)
+                        assert _served("optmon_query_unavailable_total", rpc) == unavailable_before + 1, rpc
+                    await _assert_unavailable(_pb(cold_ch, rpc, req), f"cold {rpc}")
+                    if rpc in JSON_TWINS:
+                        await _assert_unavailable(_json_twin(cold_ch, rpc, req), f"cold {rpc}Json")
+                r = await http_request(gw.url, "/v1/underlyings/NIFTY/strike-distribution?strikes_around_atm=4")
+                assert r.status == 503 and "PostgreSQL unavailable" in r.json()["message"], (r.status, r.body)
+
+                cluster.start()  # recovery: no restart, no call other than the clients' own
+                for rpc, req, other, path in views:
+                    assert await _pb(ch, rpc, req) == fresh[rpc], rpc  # recomputed (the publish made it old)
+                    assert await _pb(cold_ch, rpc, req) == fresh[rpc], f"cold {rpc}"
+                    if other is not None:
+                        assert not (await _pb(ch, rpc, other)).stale, rpc
+                    want_json = json.loads(to_json(fresh[rpc]))
+                    assert want_json["stale"] is False
+                    if rpc in JSON_TWINS:
+                        assert await _json_twin(ch, rpc, req) == want_json, rpc
+                    r = await http_request(gw.url, path)
+                    assert r.status == 200 and r.json() == want_json, (rpc, r.status, r.body[:300])
         finally:
+            gw.stop()
+            await stop_server(cold)
             await stop_server(server)
     finally:
         cluster.stop("immediate")

@@ -15,6 +15,8 @@ from services.query.cache.l1 import Entry, L1Cache
 from services.query.domain import analytics, pagetoken
 from services.query.domain.requests import validate_bars, validate_distribution, validate_series
 from services.query.domain.selection import nearest_expiries, order_expiries, window
+from services.query.server import build_app
+from services.query.settings import QuerySettings
 
 STEPS = {"NIFTY": 50.0}
 
@@ -66,12 +68,28 @@ def test_validation_collects_every_violation() -> None:
     assert qb.start == now - timedelta(days=1) and qb.page_size == 5000 and qb.expiry is None
 
 
-def test_stale_suffix_overrides_field() -> None:
-    for cls, field in ((q.GetStrikeDistributionResponse, 6), (q.GetMoneynessSeriesResponse, 8),
-                       (q.GetOptionChainResponse, 17)):
-        msg = cls(underlying="NIFTY")
-        out = cls.FromString(msg.SerializeToString() + stale_suffix(field))
-        assert out.stale and out.underlying == "NIFTY"
+async def test_stale_suffix_overrides_field_of_every_view() -> None:
+    """Every view's answer served while PostgreSQL is down carries stale=true: the servicer's method knows the
+    response's `stale` field and the appended suffix sets it without touching the rest of the answer."""
+    samples = {
+        "GetStrikeDistribution": q.GetStrikeDistributionResponse(underlying="NIFTY", underlying_price=24150.5),
+        "GetMoneynessSeries": q.GetMoneynessSeriesResponse(underlying="NIFTY", series=[q.MoneynessSeries(level=1)]),
+        "GetOptionChain": q.GetOptionChainResponse(underlying="NIFTY", pcr_oi=1.25),
+        "ListBars": q.ListBarsResponse(s="ok", t=[1_787_029_980], c=[101.5], next_page_token="x"),
+        "ListExpiries": q.ListExpiriesResponse(underlying="NIFTY", expiries=["2026-08-25"]),
+        "ListUnderlyings": q.ListUnderlyingsResponse(underlyings=[q.UnderlyingInfo(underlying="NIFTY", price=1.5)]),
+    }
+    app = build_app(QuerySettings(query_port=0))  # no I/O: nothing connects
+    try:
+        plain = {n: m for n, m in app.servicer.methods.items() if m.source is None}
+        assert set(plain) == set(samples)
+        for name, msg in samples.items():
+            out = type(msg).FromString(msg.SerializeToString() + stale_suffix(plain[name].stale_field))
+            assert out.stale, name
+            out.stale = False
+            assert out == msg, name
+    finally:
+        await app.gate.close()
 
 
 def test_l1_bounds() -> None:
@@ -110,7 +128,7 @@ async def test_single_flight_one_computation_for_concurrent_misses() -> None:
     gens = Generations(["NIFTY"], None, 1.0)
     cache = ResponseCache(L1Cache(10, 1000), None, gens, l1_ttl_s=60, l2_ttl_s=60, last_good_ttl_s=60,
                           compress_threshold=10)
-    m = Method("M", lambda raw: (raw, ("NIFTY", 1)), compute)
+    m = Method("M", lambda raw: (raw, ("NIFTY", 1), raw), compute)
     out = await asyncio.gather(*[cache.serve(m, b"req") for _ in range(20)])
     assert out == [b"answer"] * 20 and calls == 1
     await cache.serve(m, b"req")
