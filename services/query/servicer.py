@@ -41,10 +41,23 @@ JSON_TWINS: dict[str, Any] = {
 }
 
 
-def _time(msg: Any, field: str) -> datetime | None:
-    if not msg.HasField(field):
-        return None
-    return getattr(msg, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+def _times(msg: Any, *fields: str) -> list[datetime | None]:
+    """The request's Timestamp ``fields`` as UTC datetimes (None when unset). One FieldViolations naming every
+    Timestamp outside google.protobuf.Timestamp's valid range (seconds 0001-01-01..9999-12-31, nanos
+    0..999,999,999), before the other checks."""
+    out: list[datetime | None] = []
+    fv = FieldViolations()
+    for f in fields:
+        if not msg.HasField(f):
+            out.append(None)
+            continue
+        try:
+            out.append(getattr(msg, f).ToDatetime(tzinfo=UTC))
+        except ValueError as e:
+            fv.add(f, f"not a valid Timestamp: {e}")
+            out.append(None)
+    fv.raise_if_any()
+    return out
 
 
 def _stale_field(response_cls: Any) -> int:
@@ -76,8 +89,9 @@ class QueryServicer:
 
         def dist_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetStrikeDistributionRequest, raw)
+            (as_of,) = _times(r, "as_of_time")
             q = validate_distribution(r.underlying, r.timeframe, list(r.expiries), r.strikes_around_atm,
-                                      list(r.indicators), _time(r, "as_of_time"), steps)
+                                      list(r.indicators), as_of, steps)
             return q, (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def dist_compute(q: Any) -> bytes:
@@ -86,8 +100,9 @@ class QueryServicer:
 
         def series_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetMoneynessSeriesRequest, raw)
+            start, end = _times(r, "start_time", "end_time")
             q = validate_series(r.underlying, r.timeframe, list(r.expiries), r.indicator, r.side, r.levels,
-                                _time(r, "start_time"), _time(r, "end_time"), steps)
+                                start, end, steps)
             return q, (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def series_compute(q: Any) -> bytes:
@@ -95,7 +110,8 @@ class QueryServicer:
 
         def chain_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetOptionChainRequest, raw)
-            q = validate_chain(r.underlying, r.expiry, _time(r, "as_of_time"), steps)
+            (as_of,) = _times(r, "as_of_time")
+            q = validate_chain(r.underlying, r.expiry, as_of, steps)
             return q, (q.underlying, 1), r.SerializeToString()
 
         async def chain_compute(q: Any) -> bytes:
@@ -105,8 +121,9 @@ class QueryServicer:
 
         def bars_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.ListBarsRequest, raw)
-            q = validate_bars(r.underlying, r.timeframe, r.expiry, r.strike, r.option_type, _time(r, "start_time"),
-                              _time(r, "end_time"), r.page_size, None, datetime.now(UTC), steps)
+            start, end = _times(r, "start_time", "end_time")
+            q = validate_bars(r.underlying, r.timeframe, r.expiry, r.strike, r.option_type, start, end, r.page_size,
+                              None, datetime.now(UTC), steps)
             fp = pagetoken.fingerprint(q.underlying, int(q.timeframe), r.expiry, r.strike, r.option_type,
                                        r.start_time.ToMicroseconds() if r.HasField("start_time") else "",
                                        r.end_time.ToMicroseconds() if r.HasField("end_time") else "")

@@ -15,6 +15,7 @@ import grpc
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+import structlog.testing
 from google.api import httpbody_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -26,6 +27,7 @@ from prometheus_client import REGISTRY
 from services.devstack.pg import PgCluster
 from services.devstack.redis import RedisServer, free_port
 from services.ingest.store import migrations
+from services.query.cache import redis_gate
 from services.query.jsonbody import to_json
 from services.query.server import create_server, stop_server
 from services.query.servicer import JSON_TWINS
@@ -44,6 +46,11 @@ DEFAULT = q.GetStrikeDistributionRequest(underlying="NIFTY")
 
 def _count(name: str, layer: str, method: str = "GetStrikeDistribution") -> float:
     return REGISTRY.get_sample_value(name, {"layer": layer, "method": method}) or 0.0
+
+
+def _latency_count(layer: str) -> float:
+    """Observations of optmon_query_layer_latency_seconds for ``layer`` (l1, l2, pg)."""
+    return REGISTRY.get_sample_value("optmon_query_layer_latency_seconds_count", {"layer": layer}) or 0.0
 
 
 async def _publish(redis_url: str, seq: int, tf: int = 1) -> None:
@@ -97,12 +104,17 @@ async def test_l2_shared_by_replicas_compressed(bars_dsn: str, redis_url: str) -
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{pa}") as ca, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{pb}") as cb:
-            ra = await qg.QueryServiceStub(ca).GetOptionChain(req)
+            lat = {layer: _latency_count(layer) for layer in ("l1", "l2", "pg")}
+            ra = await qg.QueryServiceStub(ca).GetOptionChain(req)  # PostgreSQL
+            assert _latency_count("pg") == lat["pg"] + 1
             await a.optmon_app.cache.drain()
             l2 = _count("optmon_query_cache_hits_total", "l2", "GetOptionChain")
-            rb = await qg.QueryServiceStub(cb).GetOptionChain(req)
+            rb = await qg.QueryServiceStub(cb).GetOptionChain(req)  # replica b: L2
             assert rb == ra
             assert _count("optmon_query_cache_hits_total", "l2", "GetOptionChain") == l2 + 1
+            assert _latency_count("l2") == lat["l2"] + 1 and _latency_count("pg") == lat["pg"] + 1
+            assert await qg.QueryServiceStub(cb).GetOptionChain(req) == ra  # L1
+            assert _latency_count("l1") == lat["l1"] + 1
         r = aioredis.from_url(redis_url)
         keys = [k async for k in r.scan_iter("optmon:qc:GetOptionChain:*")]
         blobs = [await r.get(k) for k in keys]
@@ -155,7 +167,12 @@ async def test_warming_after_update(bars_dsn: str, redis_url: str) -> None:
         await stop_server(server)
 
 
-async def test_redis_down_still_answers_then_recovers(bars_dsn: str, tmp_path: Path) -> None:
+async def test_redis_down_still_answers_then_recovers(bars_dsn: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis killed: answers from L1 and PostgreSQL, no client error, `optmon_query_redis_up` 0, errors counted,
+    one `redis.down` warning; Redis back: `redis.recovered`, gauge 1."""
+    lines = structlog.testing.CapturingLogger()
+    monkeypatch.setattr(redis_gate, "log", lines)  # the gate's log lines, whatever structlog's configuration
     rs = RedisServer(root=tmp_path / "redis", port=free_port())
     rs.start()
     server, port = await create_server(settings(bars_dsn, rs.url, query_redis_retry_s=0.1))
@@ -164,17 +181,22 @@ async def test_redis_down_still_answers_then_recovers(bars_dsn: str, tmp_path: P
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             st = qg.QueryServiceStub(ch)
             first = await st.GetStrikeDistribution(DEFAULT)
+            errors = REGISTRY.get_sample_value("optmon_query_redis_errors_total") or 0.0
             rs.kill()
             assert await st.GetStrikeDistribution(DEFAULT) == first  # L1
             other = await st.GetStrikeDistribution(q.GetStrikeDistributionRequest(underlying="NIFTY",
                                                                                   strikes_around_atm=2))
             assert len(other.expiries[0].bars) == 5  # PostgreSQL, no Redis
             assert REGISTRY.get_sample_value("optmon_query_redis_up") == 0
+            assert (REGISTRY.get_sample_value("optmon_query_redis_errors_total") or 0.0) > errors
+            down = [c for c in lines.calls if c.args == ("redis.down",)]
+            assert len(down) == 1 and down[0].method_name == "warning" and "error" in down[0].kwargs
             rs.start()
             while not app.gate.up:  # recovers by itself on a later call
                 await st.GetStrikeDistribution(q.GetStrikeDistributionRequest(underlying="NIFTY", timeframe=2))
                 await asyncio.sleep(0.05)
             assert REGISTRY.get_sample_value("optmon_query_redis_up") == 1
+            assert [c.method_name for c in lines.calls if c.args == ("redis.recovered",)] == ["info"]
     finally:
         await stop_server(server)
         rs.stop()

@@ -13,7 +13,13 @@ from services.query.cache.core import Method, ResponseCache, stale_suffix
 from services.query.cache.generations import ALL, Generations
 from services.query.cache.l1 import Entry, L1Cache
 from services.query.domain import analytics, pagetoken
-from services.query.domain.requests import validate_bars, validate_distribution, validate_series
+from services.query.domain.requests import (
+    MIN_TIME,
+    validate_bars,
+    validate_chain,
+    validate_distribution,
+    validate_series,
+)
 from services.query.domain.selection import nearest_expiries, order_expiries, window
 from services.query.server import build_app
 from services.query.settings import QuerySettings
@@ -66,6 +72,17 @@ def test_validation_collects_every_violation() -> None:
     now = datetime(2026, 8, 18, 10, tzinfo=UTC)
     qb = validate_bars("NIFTY", 0, "", 0.0, 0, None, None, 0, None, now, STEPS)
     assert qb.start == now - timedelta(days=1) and qb.page_size == 5000 and qb.expiry is None
+    # times before 1970 are violations, reported with the others; the default range is not computed from them
+    year1 = datetime(1, 1, 1, tzinfo=UTC)
+    with pytest.raises(FieldViolations) as ei:
+        validate_bars("NIFTY", 0, "", 0.0, 0, None, year1, 30_000, None, now, STEPS)
+    assert {f for f, _ in ei.value.violations} == {"end_time", "page_size"}
+    with pytest.raises(FieldViolations) as ei:
+        validate_series("NIFTY", 0, [], 0, 0, 60, year1, None, STEPS)
+    assert {f for f, _ in ei.value.violations} == {"start_time", "levels"}
+    with pytest.raises(FieldViolations):
+        validate_distribution("NIFTY", 0, [], 0, [], datetime(1969, 12, 31, tzinfo=UTC), STEPS)
+    assert validate_chain("NIFTY", "", MIN_TIME, STEPS).as_of == MIN_TIME
 
 
 async def test_stale_suffix_overrides_field_of_every_view() -> None:
@@ -136,3 +153,36 @@ async def test_single_flight_one_computation_for_concurrent_misses() -> None:
     gens.apply_update("NIFTY", 1, 1)
     await cache.serve(m, b"req")
     assert calls == 2  # new generation
+
+
+def test_sql_is_parameterized_and_identifiers_come_from_whitelists() -> None:
+    """Every statement of the query store: values travel as $n parameters; the only text spliced into SQL is a bar
+    table (``Timeframe.table``), the fixed column list ``BAR_SELECT`` or a leg column from the fixed maps."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from services.common.domain.timeframes import Timeframe
+    from services.query.store import pg
+
+    tree = ast.parse(Path(pg.__file__).read_text())
+    spliced: set[str] = set()
+    statements = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "fetch", "fetchrow", "fetchval", "execute"):
+            statements += 1
+            sql = node.args[0]
+            assert isinstance(sql, ast.Constant | ast.JoinedStr), ast.unparse(sql)
+            if isinstance(sql, ast.JoinedStr):
+                spliced |= {ast.unparse(v.value) for v in sql.values if isinstance(v, ast.FormattedValue)}
+    assert statements >= 12
+    assert spliced <= {"tf.table", "BAR_SELECT", "col", "s"}, spliced
+    # where `col` / `s` come from: the fixed maps only
+    sources = {ast.unparse(n.targets[0]): ast.unparse(n.value) for n in ast.walk(tree)
+               if isinstance(n, ast.Assign) and len(n.targets) == 1 and ast.unparse(n.targets[0]) in ("col", "s")}
+    assert sources == {"col": "f'{_SIDE[side]}_{_VALUE_COLS[indicator]}'", "s": "_SIDE[side]"}, sources
+    ident = re.compile(r"^[a-z][a-z0-9_]*$")
+    assert {tf.table for tf in Timeframe} == {"bars_1m", "bars_5m", "bars_15m", "bars_1h"}
+    assert all(ident.match(v) for v in [*pg._SIDE.values(), *pg._VALUE_COLS.values(), *pg.LEG_COLUMNS])
+    assert all(ident.match(c.strip()) for c in pg.BAR_SELECT.split(","))
