@@ -85,7 +85,7 @@ async def create_server(settings: QuerySettings) -> tuple[grpc.aio.Server, int]:
     port = await bind(server, health, settings.host, settings.query_port)
     if settings.query_consume_updates:
         app.consumer = UpdateConsumer(settings.redis_url, app.gens, app.gate)
-        app.warmer = Warmer(app.gens, app.servicer.warm_jobs(), app.servicer.serve,
+        app.warmer = Warmer(app.gens, app.servicer.warm_jobs(), app.servicer.warm,
                             settings.query_warm_debounce_ms / 1000.0)
         app.tasks = [asyncio.create_task(app.consumer.run(), name="query.consumer"),
                      asyncio.create_task(app.warmer.run(), name="query.warmer")]

@@ -168,6 +168,11 @@ class QueryServicer:
         """Serialized response of RPC ``name`` for raw request bytes (raises the domain errors)."""
         return await self.cache.serve(self.methods[name], raw)
 
+    async def warm(self, name: str, raw: bytes) -> bytes:
+        """As :meth:`serve`, for the warmer: never falls back to a stale answer (Unavailable instead), so an outage
+        neither counts warming as stale answers served nor as warmed."""
+        return await self.cache.serve(self.methods[name], raw, allow_stale=False)
+
     def _handler(self, m: Method) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
         cache = self.cache
 

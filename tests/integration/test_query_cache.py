@@ -294,9 +294,15 @@ async def test_postgres_down_serves_stale_or_unavailable_then_recovers(
                 await server.optmon_app.cache.drain()  # L2 + last-good copies written
 
                 cluster.stop("fast")
+                served = {rpc: _served("optmon_query_stale_served_total", rpc) for rpc, *_ in views}
                 # new 1M and 5M data announced while PostgreSQL is down (as ingest does): every entry is old
                 await _publish(redis_url, 1, tf=1)
                 await _publish(redis_url, 2, tf=2)
+                warmer = server.optmon_app.warmer
+                while warmer.rounds < 1:  # noqa: ASYNC110 - waits for the warmer's round after the updates
+                    await asyncio.sleep(0.02)
+                # the warmer's attempts are neither stale answers served nor warmed views
+                assert {rpc: _served("optmon_query_stale_served_total", rpc) for rpc, *_ in views} == served
                 for rpc, req, other, path in views:
                     stale_before = _served("optmon_query_stale_served_total", rpc)
                     assert await _pb(ch, rpc, req) == _marked(fresh[rpc], True), rpc
