@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY
 from services.devstack.pg import PgCluster
 from services.devstack.redis import RedisServer, free_port
 from services.ingest.store import migrations
+from services.query.cache import core as cache_core
 from services.query.cache import redis_gate
 from services.query.jsonbody import to_json
 from services.query.server import create_server, stop_server
@@ -254,7 +255,10 @@ async def _assert_unavailable(call: Awaitable[Any], what: str) -> None:
         await call
     err = ei.value
     assert err.code() == grpc.StatusCode.UNAVAILABLE, (what, err.code(), err.details())
-    assert (err.details() or "").startswith("PostgreSQL unavailable: "), (what, err.details())
+    text = err.details() or ""
+    assert text.startswith("PostgreSQL unavailable: ") and text.endswith("; no cached answer for this request"), \
+        (what, text)
+    assert "127.0.0.1" not in text, text  # no internal addresses for clients
     info = error_details_pb2.ErrorInfo()
     status = rpc_status.from_call(err)
     assert status is not None and status.details[0].Unpack(info) and info.reason == "DEPENDENCY_UNAVAILABLE"
@@ -265,11 +269,13 @@ def _served(name: str, method: str) -> float:
 
 
 async def test_postgres_down_serves_stale_or_unavailable_then_recovers(
-        redis_url: str, tmp_root: Path, nifty_1min_csv: Path, tmp_path: Path) -> None:
+        redis_url: str, tmp_root: Path, nifty_1min_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every view, protobuf, JSON twin and REST path: PostgreSQL stopped → the cached answer with stale=true (the
     same answer otherwise), an uncached request (other parameters, or a cold replica with its own empty Redis)
     → UNAVAILABLE "PostgreSQL unavailable: …" / HTTP 503; PostgreSQL back → fresh answers, stale=false, with no
-    restart."""
+    restart. `pg.down` / `pg.recovered` logged once per server and transition."""
+    lines = structlog.testing.CapturingLogger()
+    monkeypatch.setattr(cache_core, "log", lines)
     root = tmp_root / f"pg-down-{free_port()}"  # tmp_root is world-readable: initdb runs as postgres
     cluster = PgCluster(root=root, port=free_port())
     cluster.init()
@@ -322,6 +328,9 @@ async def test_postgres_down_serves_stale_or_unavailable_then_recovers(
                         await _assert_unavailable(_json_twin(cold_ch, rpc, req), f"cold {rpc}Json")
                 r = await http_request(gw.url, "/v1/underlyings/NIFTY/strike-distribution?strikes_around_atm=4")
                 assert r.status == 503 and "PostgreSQL unavailable" in r.json()["message"], (r.status, r.body)
+                down = [c for c in lines.calls if c.args == ("pg.down",)]
+                assert len(down) == 2 and "127.0.0.1" in down[0].kwargs["error"]  # warm + cold; the cause in full
+                assert REGISTRY.get_sample_value("optmon_query_pg_up") == 0
 
                 cluster.start()  # recovery: no restart, no call other than the clients' own
                 for rpc, req, other, path in views:
@@ -335,6 +344,8 @@ async def test_postgres_down_serves_stale_or_unavailable_then_recovers(
                         assert await _json_twin(ch, rpc, req) == want_json, rpc
                     r = await http_request(gw.url, path)
                     assert r.status == 200 and r.json() == want_json, (rpc, r.status, r.body[:300])
+                assert [c.method_name for c in lines.calls if c.args == ("pg.recovered",)] == ["info"] * 2
+                assert REGISTRY.get_sample_value("optmon_query_pg_up") == 1
         finally:
             gw.stop()
             await stop_server(cold)

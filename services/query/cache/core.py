@@ -96,6 +96,7 @@ class ResponseCache:
         self._lat_l1 = metrics.LATENCY.labels("l1")
         self._lat_l2 = metrics.LATENCY.labels("l2")
         self._lat_pg = metrics.LATENCY.labels("pg")
+        self._pg_up = True
 
     def _count(self, kind: str, layer: str, method: str) -> None:
         key = (kind, layer, method)
@@ -126,13 +127,13 @@ class ResponseCache:
         l2key = f"optmon:qc:{m.name}:{scope[0]}:{scope[1]}:{token[1]}:{h}"
         try:
             return await self.flights.do(l2key, lambda: self._fill(m, key, raw, query, scope, token, l2key, h))
-        except Unavailable:
+        except Unavailable as e:
             if not allow_stale:
                 raise
             stale = await self._stale(m, raw, canonical, h)
             if stale is None:
                 metrics.UNAVAILABLE.labels(m.name).inc()
-                raise
+                raise Unavailable(f"{e}; no cached answer for this request") from e
             metrics.STALE.labels(m.name).inc()
             return stale
 
@@ -155,17 +156,29 @@ class ResponseCache:
         t1 = time.perf_counter()
         try:
             data = await self._compute(m, raw, query)
-        except Unavailable:
-            metrics.PG_UP.set(0)
+        except Unavailable as e:
+            self._pg_state(False, e)
             raise
         if m.source is None:
-            metrics.PG_UP.set(1)
+            self._pg_state(True)
             self._lat_pg.observe(time.perf_counter() - t1)
         self.l1.put(key, Entry(data, scope, token, time.monotonic() + self.l1_ttl))
         if self.gate is not None and self.gate.usable:
             last = None if m.source is not None else (f"optmon:qc:last:{m.name}:{h}", self.last_ttl)
             self._spawn(self._l2_set(l2key, self._pack(data), self.l2_ttl, last))
         return data
+
+    def _pg_state(self, up: bool, err: Unavailable | None = None) -> None:
+        """``optmon_query_pg_up``, and one log line per transition (``pg.down`` with the cause, ``pg.recovered``)."""
+        if up != self._pg_up:
+            self._pg_up = up
+            if up:
+                log.info("pg.recovered")
+            else:
+                cause = err.__cause__ if err is not None and err.__cause__ is not None else err
+                log.warning("pg.down", error=f"{type(cause).__name__}: {cause}",
+                            degraded="cached answers served stale, others UNAVAILABLE")
+        metrics.PG_UP.set(1 if up else 0)
 
     async def _stale(self, m: Method, raw: bytes, canonical: bytes, h: str) -> bytes | None:
         """A cached answer of any generation, marked stale (derived: the source's, rendered); None when none.
