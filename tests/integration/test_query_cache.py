@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,22 +81,107 @@ def _atm_call_oi(resp: q.GetStrikeDistributionResponse) -> int:
     return next(b.call.oi for b in e.bars if b.strike == e.atm_strike)
 
 
-@pytest.mark.parametrize("consume", [True, False], ids=["consumer", "seq-check-only"])
-async def test_no_stale_read_after_publish(bars_dsn: str, redis_url: str, consume: bool) -> None:
-    server, port = await create_server(settings(bars_dsn, redis_url, query_consume_updates=consume))
+@pytest.mark.parametrize(("consume", "watch"), [(True, True), (False, True), (False, False)],
+                         ids=["consumer+watch", "watch-only", "seq-check-only"])
+async def test_no_stale_read_after_publish(bars_dsn: str, redis_url: str, consume: bool, watch: bool) -> None:
+    """Publish (XADD + SET optmon:seq, as ingest's commit → publish), then read at once: the new value, every time.
+    watch-only: the L1 hits before each publish skip the sequence read (nothing pushed), so the push alone must
+    make the read after the publish re-validate."""
+    server, port = await create_server(settings(bars_dsn, redis_url, query_consume_updates=consume,
+                                                query_seq_watch=watch))
+    app = server.optmon_app
     try:
+        if watch:
+            await asyncio.wait_for(app.watch.connected.wait(), 10)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             st = qg.QueryServiceStub(ch)
             first = await st.GetStrikeDistribution(DEFAULT)
             hits = _count("optmon_query_cache_hits_total", "l1")
             again = await st.GetStrikeDistribution(DEFAULT)
             assert again == first and _count("optmon_query_cache_hits_total", "l1") == hits + 1
-            for seq, value in ((1, 123_456_789), (2, 987_654)):
+            for seq in range(1, 21):
+                value = 100_000 + seq
                 await _bump_atm_call_oi(bars_dsn, (first.expiries[0].expiry, first.expiries[0].atm_strike), value)
                 await _publish(redis_url, seq)
-                assert _atm_call_oi(await st.GetStrikeDistribution(DEFAULT)) == value
+                assert _atm_call_oi(await st.GetStrikeDistribution(DEFAULT)) == value, seq
+                hits = _count("optmon_query_cache_hits_total", "l1")
+                assert _atm_call_oi(await st.GetStrikeDistribution(DEFAULT)) == value, seq
+                assert _count("optmon_query_cache_hits_total", "l1") == hits + 1  # served from L1 again
+                if watch:
+                    assert app.watch.clean(), seq  # re-synced: the next hits skip the sequence read
     finally:
         await stop_server(server)
+
+
+def _mget_calls(redis_url: str) -> int:
+    import redis as redis_sync
+
+    with redis_sync.Redis.from_url(redis_url) as r:
+        return int(r.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "no-watch"])
+async def test_l1_hits_skip_the_sequence_read_while_nothing_is_pushed(bars_dsn: str, redis_url: str,
+                                                                      watch: bool) -> None:
+    """With the watch, 50 L1 hits in a row cost no Redis command; without it (check interval 0) each reads
+    optmon:seq."""
+    server, port = await create_server(settings(bars_dsn, redis_url, query_consume_updates=False,
+                                                query_seq_watch=watch, query_fresh_check_ms=0))
+    try:
+        if watch:
+            await asyncio.wait_for(server.optmon_app.watch.connected.wait(), 10)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            st = qg.QueryServiceStub(ch)
+            first = await st.GetStrikeDistribution(DEFAULT)
+            await st.GetStrikeDistribution(DEFAULT)  # (re-syncs the watch if a push came meanwhile)
+            await server.optmon_app.cache.drain()
+            before = _mget_calls(redis_url)
+            for _ in range(50):
+                assert await st.GetStrikeDistribution(DEFAULT) == first
+            after = _mget_calls(redis_url)
+        assert after - before == (0 if watch else 50)
+    finally:
+        await stop_server(server)
+
+
+async def test_watch_reconnects_after_redis_restart_and_resyncs(bars_dsn: str, tmp_path: Path) -> None:
+    """Redis restarted without its data: the watch reconnects by itself, the first read after it re-reads the
+    sequences (lower now: a new epoch), and a publish after the restart is seen at once."""
+    rs = RedisServer(root=tmp_path / "redis", port=free_port())
+    rs.start()
+    server, port = await create_server(settings(bars_dsn, rs.url, query_redis_retry_s=0.1,
+                                                query_consume_updates=False))
+    watch = server.optmon_app.watch
+    try:
+        await asyncio.wait_for(watch.connected.wait(), 10)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            st = qg.QueryServiceStub(ch)
+            first = await st.GetStrikeDistribution(DEFAULT)
+            atm = (first.expiries[0].expiry, first.expiries[0].atm_strike)
+            await _bump_atm_call_oi(bars_dsn, atm, 555)
+            await _publish(rs.url, 7)
+            assert _atm_call_oi(await st.GetStrikeDistribution(DEFAULT)) == 555
+            rs.kill()
+            while watch.ready:  # noqa: ASYNC110 - waits for the loss to be noticed
+                await asyncio.sleep(0.02)
+            assert not watch.clean()
+            shutil.rmtree(tmp_path / "redis", ignore_errors=True)  # no data survives the restart
+            rs.start()
+            await asyncio.wait_for(watch.connected.wait(), 10)
+            other = q.ListExpiriesRequest(underlying="NIFTY")
+            await st.ListExpiries(other)  # the gate's pooled connections died with Redis: let them be replaced
+            while not server.optmon_app.gate.usable:  # noqa: ASYNC110 - a failed call pauses Redis for retry_s
+                await asyncio.sleep(0.02)
+            await st.ListExpiries(other)
+            assert server.optmon_app.gate.up
+            await _bump_atm_call_oi(bars_dsn, atm, 666)
+            await _publish(rs.url, 1)  # the sequence starts over
+            epoch = server.optmon_app.gens.epoch
+            assert _atm_call_oi(await st.GetStrikeDistribution(DEFAULT)) == 666
+            assert server.optmon_app.gens.epoch == epoch + 1 and watch.clean()
+    finally:
+        await stop_server(server)
+        rs.stop()
 
 
 async def test_l2_shared_by_replicas_compressed(bars_dsn: str, redis_url: str) -> None:

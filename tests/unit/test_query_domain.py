@@ -186,3 +186,20 @@ def test_sql_is_parameterized_and_identifiers_come_from_whitelists() -> None:
     assert {tf.table for tf in Timeframe} == {"bars_1m", "bars_5m", "bars_15m", "bars_1h"}
     assert all(ident.match(v) for v in [*pg._SIDE.values(), *pg._VALUE_COLS.values(), *pg.LEG_COLUMNS])
     assert all(ident.match(c.strip()) for c in pg.BAR_SELECT.split(","))
+
+
+def test_resp3_parser_of_the_seq_watch_set_up() -> None:
+    from services.query.cache.seqwatch import RespError, parse_resp3
+
+    hello = (b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n$7\r\nmodules\r\n*0\r\n")
+    assert parse_resp3(hello) == (["server", "redis", "proto", 3, "modules", []], len(hello))
+    for cut in range(len(hello)):
+        assert parse_resp3(hello[:cut]) is None  # incomplete
+    err = parse_resp3(b"-ERR unknown command 'HELLO'\r\n")
+    assert err is not None and isinstance(err[0], RespError)
+    push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$16\r\noptmon:seq:NIFTY\r\n"
+    assert parse_resp3(b"+OK\r\n" + push, 5) == (["invalidate", ["optmon:seq:NIFTY"]], len(push) + 5)
+    assert parse_resp3(b"_\r\n#t\r\n,1.5\r\n|1\r\n+a\r\n+b\r\n:7\r\n", 3)[0] == "t"  # type: ignore[index]
+    assert parse_resp3(b"|1\r\n+a\r\n+b\r\n:7\r\n") == (7, 16)  # an attribute is skipped
+    with pytest.raises(ValueError):
+        parse_resp3(b"?what\r\n")
