@@ -29,7 +29,7 @@ from services.devstack.pg import PgCluster
 from services.devstack.redis import RedisServer, free_port
 from services.ingest.store import migrations
 from services.query.cache import core as cache_core
-from services.query.cache import redis_gate
+from services.query.cache import redis_gate, seqwatch
 from services.query.jsonbody import to_json
 from services.query.server import create_server, stop_server
 from services.query.servicer import JSON_TWINS
@@ -143,6 +143,39 @@ async def test_l1_hits_skip_the_sequence_read_while_nothing_is_pushed(bars_dsn: 
         assert after - before == (0 if watch else 50)
     finally:
         await stop_server(server)
+
+
+async def test_watch_refused_falls_back_to_the_sequence_read(bars_dsn: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis user without the CLIENT command (ACL): the watch set-up is refused and logged; every cached answer
+    reads optmon:seq as without the watch, so a publish is still seen at once."""
+    lines = structlog.testing.CapturingLogger()
+    monkeypatch.setattr(seqwatch, "log", lines)
+    rs = RedisServer(root=tmp_path / "redis", port=free_port())
+    rs.start()
+    try:
+        import redis as redis_sync
+
+        with redis_sync.Redis.from_url(rs.url) as admin:
+            admin.acl_setuser("limited", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                              commands=["+@all", "-client"])
+        url = f"redis://limited:pw@127.0.0.1:{rs.port}/0"
+        server, port = await create_server(settings(bars_dsn, url, query_consume_updates=False))
+        watch = server.optmon_app.watch
+        try:
+            while not [c for c in lines.calls if c.args == ("seqwatch.refused",)]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            assert "NOPERM" in lines.calls[-1].kwargs["error"] and not watch.ready and not watch.clean()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                st = qg.QueryServiceStub(ch)
+                first = await st.GetStrikeDistribution(DEFAULT)
+                await _bump_atm_call_oi(bars_dsn, (first.expiries[0].expiry, first.expiries[0].atm_strike), 777)
+                await _publish(rs.url, 3)
+                assert _atm_call_oi(await st.GetStrikeDistribution(DEFAULT)) == 777
+        finally:
+            await stop_server(server)
+    finally:
+        rs.stop()
 
 
 async def test_watch_reconnects_after_redis_restart_and_resyncs(bars_dsn: str, tmp_path: Path) -> None:

@@ -34,6 +34,14 @@ class RespError(str):
     """A RESP error reply."""
 
 
+class SetupRefused(Exception):
+    """Redis answered the set-up (HELLO 3, CLIENT TRACKING) with an error: e.g. Redis < 6, an ACL without
+    CLIENT, or LOADING right after a restart."""
+
+#: Seconds between set-up attempts after a refusal.
+REFUSED_RETRY_S = 30.0
+
+
 def _command(*args: str) -> bytes:
     out = [f"*{len(args)}\r\n".encode()]
     for a in args:
@@ -174,7 +182,7 @@ class SeqWatch:
             replies = await asyncio.wait_for(asyncio.shield(proto.setup), self.connect_timeout_s)
             errors = [r for r in replies if isinstance(r, RespError)]
             if errors:
-                raise PermissionError("; ".join(errors))
+                raise SetupRefused("; ".join(errors))
         except BaseException:
             transport.close()
             raise
@@ -194,6 +202,7 @@ class SeqWatch:
             return
         down_logged = False
         while True:
+            pause = self.retry_s
             try:
                 proto = await self._connect()
                 if down_logged:
@@ -204,14 +213,17 @@ class SeqWatch:
                 down_logged = True
             except asyncio.CancelledError:
                 raise
-            except PermissionError as e:  # HELLO 3 / CLIENT TRACKING refused (Redis < 6, ACL): stay on round trips
-                log.warning("seqwatch.refused", error=str(e), degraded="optmon:seq read per cached answer")
-                return
+            except SetupRefused as e:  # meanwhile: an optmon:seq read per cached answer, as without the watch
+                pause = max(self.retry_s, REFUSED_RETRY_S)
+                if not down_logged:
+                    log.warning("seqwatch.refused", error=str(e), retry_s=pause,
+                                degraded="optmon:seq read per cached answer")
+                    down_logged = True
             except (OSError, ConnectionError, TimeoutError, ValueError) as e:
                 if not down_logged:
                     log.warning("seqwatch.down", error=f"{type(e).__name__}: {e}", retry_s=self.retry_s)
                     down_logged = True
-            await asyncio.sleep(self.retry_s)
+            await asyncio.sleep(pause)
 
     def close(self) -> None:
         """Close the connection (the :meth:`run` task is cancelled by its owner)."""
