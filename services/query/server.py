@@ -19,6 +19,7 @@ from services.query.cache.core import ResponseCache
 from services.query.cache.generations import Generations
 from services.query.cache.l1 import L1Cache
 from services.query.cache.redis_gate import RedisGate
+from services.query.cache.seqwatch import SeqWatch
 from services.query.servicer import SERVICE, QueryServicer
 from services.query.settings import QuerySettings
 from services.query.store.pg import PgStore
@@ -42,6 +43,7 @@ class QueryApp:
     health: Any = None
     consumer: UpdateConsumer | None = None
     warmer: Warmer | None = None
+    watch: SeqWatch | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -55,6 +57,8 @@ class QueryApp:
             for t in pending:
                 log.warning("query.close.task_stuck", task=t.get_name(), stack=repr(t.get_stack(limit=5)))
         await self.cache.drain()
+        if self.watch is not None:
+            self.watch.close()
         if self.consumer is not None:
             await self.consumer.close()
         await self.gate.close()
@@ -66,13 +70,14 @@ def build_app(settings: QuerySettings) -> QueryApp:
     store = PgStore(settings.pg_dsn, settings.query_pg_pool_max, settings.query_pg_connect_timeout_s,
                     settings.query_pg_command_timeout_s)
     gate = RedisGate(settings.redis_url, settings.query_redis_retry_s)
-    gens = Generations(settings.underlyings, gate, settings.query_fresh_check_ms)
+    watch = SeqWatch(settings.redis_url, settings.query_redis_retry_s) if settings.query_seq_watch else None
+    gens = Generations(settings.underlyings, gate, settings.query_fresh_check_ms, watch=watch)
     cache = ResponseCache(L1Cache(settings.query_l1_max_entries, settings.query_l1_max_bytes), gate, gens,
                           l1_ttl_s=settings.query_l1_ttl_s, l2_ttl_s=settings.query_l2_ttl_s,
                           last_good_ttl_s=settings.query_l2_last_good_ttl_s,
                           compress_threshold=settings.query_compress_threshold_bytes)
     servicer = QueryServicer(settings, store, cache)
-    return QueryApp(settings, store, gate, gens, cache, servicer)
+    return QueryApp(settings, store, gate, gens, cache, servicer, watch=watch)
 
 
 async def create_server(settings: QuerySettings) -> tuple[grpc.aio.Server, int]:
@@ -85,10 +90,12 @@ async def create_server(settings: QuerySettings) -> tuple[grpc.aio.Server, int]:
     port = await bind(server, health, settings.host, settings.query_port)
     if settings.query_consume_updates:
         app.consumer = UpdateConsumer(settings.redis_url, app.gens, app.gate)
-        app.warmer = Warmer(app.gens, app.servicer.warm_jobs(), app.servicer.serve,
+        app.warmer = Warmer(app.gens, app.servicer.warm_jobs(), app.servicer.warm,
                             settings.query_warm_debounce_ms / 1000.0)
         app.tasks = [asyncio.create_task(app.consumer.run(), name="query.consumer"),
                      asyncio.create_task(app.warmer.run(), name="query.warmer")]
+    if app.watch is not None:
+        app.tasks.append(asyncio.create_task(app.watch.run(), name="query.seqwatch"))
     server.optmon_app = app  # type: ignore[attr-defined]
     return server, port
 

@@ -41,10 +41,31 @@ JSON_TWINS: dict[str, Any] = {
 }
 
 
-def _time(msg: Any, field: str) -> datetime | None:
-    if not msg.HasField(field):
-        return None
-    return getattr(msg, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+def _times(msg: Any, *fields: str) -> list[datetime | None]:
+    """The request's Timestamp ``fields`` as UTC datetimes (None when unset). One FieldViolations naming every
+    Timestamp outside google.protobuf.Timestamp's valid range (seconds 0001-01-01..9999-12-31, nanos
+    0..999,999,999), before the other checks."""
+    out: list[datetime | None] = []
+    fv = FieldViolations()
+    for f in fields:
+        if not msg.HasField(f):
+            out.append(None)
+            continue
+        try:
+            out.append(getattr(msg, f).ToDatetime(tzinfo=UTC))
+        except ValueError as e:
+            fv.add(f, f"not a valid Timestamp: {e}")
+            out.append(None)
+    fv.raise_if_any()
+    return out
+
+
+def _stale_field(response_cls: Any) -> int:
+    """Field number of the ``bool stale`` field of a response message (every view's response has one)."""
+    f = response_cls.DESCRIPTOR.fields_by_name["stale"]
+    if f.type != f.TYPE_BOOL:
+        raise TypeError(f"{response_cls.DESCRIPTOR.full_name}.stale is not a bool")
+    return f.number  # type: ignore[no-any-return]
 
 
 def _parse(cls: Any, raw: bytes) -> Any:
@@ -66,70 +87,79 @@ class QueryServicer:
         self.steps = dict(settings.strike_steps)
         s, steps = settings, self.steps
 
-        def dist_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def dist_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetStrikeDistributionRequest, raw)
+            (as_of,) = _times(r, "as_of_time")
             q = validate_distribution(r.underlying, r.timeframe, list(r.expiries), r.strikes_around_atm,
-                                      list(r.indicators), _time(r, "as_of_time"), steps)
-            return q, (q.underlying, int(q.timeframe))
+                                      list(r.indicators), as_of, steps)
+            return q, (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def dist_compute(q: Any) -> bytes:
             resp = await views.strike_distribution(store, q, steps[q.underlying], s.query_carry_buckets)
             return resp.SerializeToString()  # type: ignore[no-any-return]
 
-        def series_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def series_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetMoneynessSeriesRequest, raw)
+            start, end = _times(r, "start_time", "end_time")
             q = validate_series(r.underlying, r.timeframe, list(r.expiries), r.indicator, r.side, r.levels,
-                                _time(r, "start_time"), _time(r, "end_time"), steps)
-            return q, (q.underlying, int(q.timeframe))
+                                start, end, steps)
+            return q, (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def series_compute(q: Any) -> bytes:
             return (await views.moneyness_series(store, q)).SerializeToString()  # type: ignore[no-any-return]
 
-        def chain_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def chain_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.GetOptionChainRequest, raw)
-            q = validate_chain(r.underlying, r.expiry, _time(r, "as_of_time"), steps)
-            return q, (q.underlying, 1)
+            (as_of,) = _times(r, "as_of_time")
+            q = validate_chain(r.underlying, r.expiry, as_of, steps)
+            return q, (q.underlying, 1), r.SerializeToString()
 
         async def chain_compute(q: Any) -> bytes:
             resp = await views.option_chain(store, q, steps[q.underlying], s.query_carry_buckets,
                                             s.query_iv_history_days)
             return resp.SerializeToString()  # type: ignore[no-any-return]
 
-        def bars_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def bars_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.ListBarsRequest, raw)
-            q = validate_bars(r.underlying, r.timeframe, r.expiry, r.strike, r.option_type, _time(r, "start_time"),
-                              _time(r, "end_time"), r.page_size, None, datetime.now(UTC), steps)
+            start, end = _times(r, "start_time", "end_time")
+            q = validate_bars(r.underlying, r.timeframe, r.expiry, r.strike, r.option_type, start, end, r.page_size,
+                              None, datetime.now(UTC), steps)
             fp = pagetoken.fingerprint(q.underlying, int(q.timeframe), r.expiry, r.strike, r.option_type,
                                        r.start_time.ToMicroseconds() if r.HasField("start_time") else "",
                                        r.end_time.ToMicroseconds() if r.HasField("end_time") else "")
-            return (q, r.page_token, fp), (q.underlying, int(q.timeframe))
+            return (q, r.page_token, fp), (q.underlying, int(q.timeframe)), r.SerializeToString()
 
         async def bars_compute(a: Any) -> bytes:
             q, token, fp = a
             return (await views.list_bars(store, q, token, fp)).SerializeToString()  # type: ignore[no-any-return]
 
-        def exp_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
+        def exp_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
             r = _parse(q_pb2.ListExpiriesRequest, raw)
             q = validate_chain(r.underlying, "", None, steps)
-            return q.underlying, (q.underlying, 1)
+            return q.underlying, (q.underlying, 1), r.SerializeToString()
 
         async def exp_compute(u: Any) -> bytes:
             return (await views.list_expiries(store, u)).SerializeToString()  # type: ignore[no-any-return]
 
-        def und_parse(raw: bytes) -> tuple[Any, tuple[str, int]]:
-            _parse(q_pb2.ListUnderlyingsRequest, raw)
-            return None, (ALL, 0)
+        def und_parse(raw: bytes) -> tuple[Any, tuple[str, int], bytes]:
+            r = _parse(q_pb2.ListUnderlyingsRequest, raw)
+            return None, (ALL, 0), r.SerializeToString()
 
         async def und_compute(_: Any) -> bytes:
             return (await views.list_underlyings(store, steps)).SerializeToString()  # type: ignore[no-any-return]
 
+        # The last argument: the response's `stale` field number (set on answers served while PostgreSQL is down).
         self.methods: dict[str, Method] = {
-            "GetStrikeDistribution": Method("GetStrikeDistribution", dist_parse, dist_compute, 6),
-            "GetMoneynessSeries": Method("GetMoneynessSeries", series_parse, series_compute, 8),
-            "GetOptionChain": Method("GetOptionChain", chain_parse, chain_compute, 17),
-            "ListBars": Method("ListBars", bars_parse, bars_compute, 0),
-            "ListExpiries": Method("ListExpiries", exp_parse, exp_compute, 0),
-            "ListUnderlyings": Method("ListUnderlyings", und_parse, und_compute, 0),
+            "GetStrikeDistribution": Method("GetStrikeDistribution", dist_parse, dist_compute,
+                                            _stale_field(q_pb2.GetStrikeDistributionResponse)),
+            "GetMoneynessSeries": Method("GetMoneynessSeries", series_parse, series_compute,
+                                         _stale_field(q_pb2.GetMoneynessSeriesResponse)),
+            "GetOptionChain": Method("GetOptionChain", chain_parse, chain_compute,
+                                     _stale_field(q_pb2.GetOptionChainResponse)),
+            "ListBars": Method("ListBars", bars_parse, bars_compute, _stale_field(q_pb2.ListBarsResponse)),
+            "ListExpiries": Method("ListExpiries", exp_parse, exp_compute, _stale_field(q_pb2.ListExpiriesResponse)),
+            "ListUnderlyings": Method("ListUnderlyings", und_parse, und_compute,
+                                      _stale_field(q_pb2.ListUnderlyingsResponse)),
         }
         for name, cls in JSON_TWINS.items():
             self.methods[name + "Json"] = Method.derived(name + "Json", self.methods[name], json_renderer(cls))
@@ -137,6 +167,11 @@ class QueryServicer:
     async def serve(self, name: str, raw: bytes) -> bytes:
         """Serialized response of RPC ``name`` for raw request bytes (raises the domain errors)."""
         return await self.cache.serve(self.methods[name], raw)
+
+    async def warm(self, name: str, raw: bytes) -> bytes:
+        """As :meth:`serve`, for the warmer: never falls back to a stale answer (Unavailable instead), so an outage
+        neither counts warming as stale answers served nor as warmed."""
+        return await self.cache.serve(self.methods[name], raw, allow_stale=False)
 
     def _handler(self, m: Method) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
         cache = self.cache

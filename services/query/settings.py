@@ -35,6 +35,10 @@ class QuerySettings(CommonSettings):
     #: A cached answer is re-validated against ``optmon:seq:<U>`` when the last check of that underlying is older
     #: than this many milliseconds (closes the window between XADD and the consumer seeing it). 0 = every read.
     query_fresh_check_ms: float = 1.0
+    #: Skip that re-validation while Redis has pushed no change of any ``optmon:seq:*`` key since the last read
+    #: (RESP3 client tracking, ``CLIENT TRACKING ON BCAST PREFIX optmon:seq:``; services/query/cache/seqwatch.py).
+    #: False = a Redis round trip per cached answer as above.
+    query_seq_watch: bool = True
     #: Underlyings whose default views are recomputed right after each update (cache warming).
     query_popular_underlyings: list[str] = Field(default_factory=lambda: ["NIFTY"])
     #: Debounce of warming after updates, milliseconds.

@@ -130,7 +130,12 @@ async def test_option_chain_analytics_match_csv(query_server, csv: pd.DataFrame)
             if pd.isna(row["oi" + sfx]):
                 assert not leg.HasField("ltp")
                 continue
-            assert leg.oi_change == int(row["oi" + sfx]) - int(first_oi[(r.strike, ot)])
+            oi0 = int(first_oi[(r.strike, ot)])
+            assert leg.oi_change == int(row["oi" + sfx]) - oi0
+            if oi0:
+                assert leg.oi_change_percent == pytest.approx((int(row["oi" + sfx]) - oi0) / oi0 * 100)
+            else:
+                assert not leg.HasField("oi_change_percent")
             dv = day[(day["strike"] == r.strike) & (day["option_type"] == ot) & (day["ts"] == row["ts" + sfx])]
             assert leg.volume == int(dv["day_vol"].iloc[0])
     ce_oi = snap["oi_ce"].fillna(0).to_numpy()
@@ -242,3 +247,5 @@ async def test_list_bars_pages_and_lists(query_server, csv: pd.DataFrame) -> Non
         assert list(ex.expiries) == ["2026-08-18", "2026-08-25", "2026-09-01", "2026-09-08"]
         un = await st.ListUnderlyings(q.ListUnderlyingsRequest())
         assert [(u.underlying, u.price, u.strike_step) for u in un.underlyings] == [("NIFTY", 24154.9, 50.0)]
+        assert un.underlyings[0].bucket_time.ToDatetime(tzinfo=UTC) == csv["ts"].max().to_pydatetime()
+        assert not un.stale and not ex.stale and not r.stale

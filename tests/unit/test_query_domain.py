@@ -13,8 +13,16 @@ from services.query.cache.core import Method, ResponseCache, stale_suffix
 from services.query.cache.generations import ALL, Generations
 from services.query.cache.l1 import Entry, L1Cache
 from services.query.domain import analytics, pagetoken
-from services.query.domain.requests import validate_bars, validate_distribution, validate_series
+from services.query.domain.requests import (
+    MIN_TIME,
+    validate_bars,
+    validate_chain,
+    validate_distribution,
+    validate_series,
+)
 from services.query.domain.selection import nearest_expiries, order_expiries, window
+from services.query.server import build_app
+from services.query.settings import QuerySettings
 
 STEPS = {"NIFTY": 50.0}
 
@@ -64,14 +72,41 @@ def test_validation_collects_every_violation() -> None:
     now = datetime(2026, 8, 18, 10, tzinfo=UTC)
     qb = validate_bars("NIFTY", 0, "", 0.0, 0, None, None, 0, None, now, STEPS)
     assert qb.start == now - timedelta(days=1) and qb.page_size == 5000 and qb.expiry is None
+    # times before 1970 are violations, reported with the others; the default range is not computed from them
+    year1 = datetime(1, 1, 1, tzinfo=UTC)
+    with pytest.raises(FieldViolations) as ei:
+        validate_bars("NIFTY", 0, "", 0.0, 0, None, year1, 30_000, None, now, STEPS)
+    assert {f for f, _ in ei.value.violations} == {"end_time", "page_size"}
+    with pytest.raises(FieldViolations) as ei:
+        validate_series("NIFTY", 0, [], 0, 0, 60, year1, None, STEPS)
+    assert {f for f, _ in ei.value.violations} == {"start_time", "levels"}
+    with pytest.raises(FieldViolations):
+        validate_distribution("NIFTY", 0, [], 0, [], datetime(1969, 12, 31, tzinfo=UTC), STEPS)
+    assert validate_chain("NIFTY", "", MIN_TIME, STEPS).as_of == MIN_TIME
 
 
-def test_stale_suffix_overrides_field() -> None:
-    for cls, field in ((q.GetStrikeDistributionResponse, 6), (q.GetMoneynessSeriesResponse, 8),
-                       (q.GetOptionChainResponse, 17)):
-        msg = cls(underlying="NIFTY")
-        out = cls.FromString(msg.SerializeToString() + stale_suffix(field))
-        assert out.stale and out.underlying == "NIFTY"
+async def test_stale_suffix_overrides_field_of_every_view() -> None:
+    """Every view's answer served while PostgreSQL is down carries stale=true: the servicer's method knows the
+    response's `stale` field and the appended suffix sets it without touching the rest of the answer."""
+    samples = {
+        "GetStrikeDistribution": q.GetStrikeDistributionResponse(underlying="NIFTY", underlying_price=24150.5),
+        "GetMoneynessSeries": q.GetMoneynessSeriesResponse(underlying="NIFTY", series=[q.MoneynessSeries(level=1)]),
+        "GetOptionChain": q.GetOptionChainResponse(underlying="NIFTY", pcr_oi=1.25),
+        "ListBars": q.ListBarsResponse(s="ok", t=[1_787_029_980], c=[101.5], next_page_token="x"),
+        "ListExpiries": q.ListExpiriesResponse(underlying="NIFTY", expiries=["2026-08-25"]),
+        "ListUnderlyings": q.ListUnderlyingsResponse(underlyings=[q.UnderlyingInfo(underlying="NIFTY", price=1.5)]),
+    }
+    app = build_app(QuerySettings(query_port=0))  # no I/O: nothing connects
+    try:
+        plain = {n: m for n, m in app.servicer.methods.items() if m.source is None}
+        assert set(plain) == set(samples)
+        for name, msg in samples.items():
+            out = type(msg).FromString(msg.SerializeToString() + stale_suffix(plain[name].stale_field))
+            assert out.stale, name
+            out.stale = False
+            assert out == msg, name
+    finally:
+        await app.gate.close()
 
 
 def test_l1_bounds() -> None:
@@ -110,7 +145,7 @@ async def test_single_flight_one_computation_for_concurrent_misses() -> None:
     gens = Generations(["NIFTY"], None, 1.0)
     cache = ResponseCache(L1Cache(10, 1000), None, gens, l1_ttl_s=60, l2_ttl_s=60, last_good_ttl_s=60,
                           compress_threshold=10)
-    m = Method("M", lambda raw: (raw, ("NIFTY", 1)), compute)
+    m = Method("M", lambda raw: (raw, ("NIFTY", 1), raw), compute)
     out = await asyncio.gather(*[cache.serve(m, b"req") for _ in range(20)])
     assert out == [b"answer"] * 20 and calls == 1
     await cache.serve(m, b"req")
@@ -118,3 +153,53 @@ async def test_single_flight_one_computation_for_concurrent_misses() -> None:
     gens.apply_update("NIFTY", 1, 1)
     await cache.serve(m, b"req")
     assert calls == 2  # new generation
+
+
+def test_sql_is_parameterized_and_identifiers_come_from_whitelists() -> None:
+    """Every statement of the query store: values travel as $n parameters; the only text spliced into SQL is a bar
+    table (``Timeframe.table``), the fixed column list ``BAR_SELECT`` or a leg column from the fixed maps."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from services.common.domain.timeframes import Timeframe
+    from services.query.store import pg
+
+    tree = ast.parse(Path(pg.__file__).read_text())
+    spliced: set[str] = set()
+    statements = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "fetch", "fetchrow", "fetchval", "execute"):
+            statements += 1
+            sql = node.args[0]
+            assert isinstance(sql, ast.Constant | ast.JoinedStr), ast.unparse(sql)
+            if isinstance(sql, ast.JoinedStr):
+                spliced |= {ast.unparse(v.value) for v in sql.values if isinstance(v, ast.FormattedValue)}
+    assert statements >= 12
+    assert spliced <= {"tf.table", "BAR_SELECT", "col", "s"}, spliced
+    # where `col` / `s` come from: the fixed maps only
+    sources = {ast.unparse(n.targets[0]): ast.unparse(n.value) for n in ast.walk(tree)
+               if isinstance(n, ast.Assign) and len(n.targets) == 1 and ast.unparse(n.targets[0]) in ("col", "s")}
+    assert sources == {"col": "f'{_SIDE[side]}_{_VALUE_COLS[indicator]}'", "s": "_SIDE[side]"}, sources
+    ident = re.compile(r"^[a-z][a-z0-9_]*$")
+    assert {tf.table for tf in Timeframe} == {"bars_1m", "bars_5m", "bars_15m", "bars_1h"}
+    assert all(ident.match(v) for v in [*pg._SIDE.values(), *pg._VALUE_COLS.values(), *pg.LEG_COLUMNS])
+    assert all(ident.match(c.strip()) for c in pg.BAR_SELECT.split(","))
+
+
+def test_resp3_parser_of_the_seq_watch_set_up() -> None:
+    from services.query.cache.seqwatch import RespError, parse_resp3
+
+    hello = (b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n$7\r\nmodules\r\n*0\r\n")
+    assert parse_resp3(hello) == (["server", "redis", "proto", 3, "modules", []], len(hello))
+    for cut in range(len(hello)):
+        assert parse_resp3(hello[:cut]) is None  # incomplete
+    err = parse_resp3(b"-ERR unknown command 'HELLO'\r\n")
+    assert err is not None and isinstance(err[0], RespError)
+    push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$16\r\noptmon:seq:NIFTY\r\n"
+    assert parse_resp3(b"+OK\r\n" + push, 5) == (["invalidate", ["optmon:seq:NIFTY"]], len(push) + 5)
+    assert parse_resp3(b"_\r\n#t\r\n,1.5\r\n|1\r\n+a\r\n+b\r\n:7\r\n", 3)[0] == "t"  # type: ignore[index]
+    assert parse_resp3(b"|1\r\n+a\r\n+b\r\n:7\r\n") == (7, 16)  # an attribute is skipped
+    with pytest.raises(ValueError):
+        parse_resp3(b"?what\r\n")

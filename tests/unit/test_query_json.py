@@ -50,7 +50,7 @@ def _setup() -> tuple[ResponseCache, Generations, Method, Method, Book]:
     cache = ResponseCache(L1Cache(100, 1 << 20), None, gens, l1_ttl_s=60, l2_ttl_s=60, last_good_ttl_s=60,
                           compress_threshold=1024)
     book = Book()
-    pb = Method("GetStrikeDistribution", lambda raw: (raw, ("NIFTY", 1)), book.compute, 6)
+    pb = Method("GetStrikeDistribution", lambda raw: (raw, ("NIFTY", 1), raw), book.compute, 6)
     js = Method.derived("GetStrikeDistributionJson", pb, json_renderer(q.GetStrikeDistributionResponse))
     return cache, gens, pb, js, book
 
@@ -102,5 +102,6 @@ def test_to_json_uses_the_gateways_print_options() -> None:
     assert bar["call"]["oi"] == "123456" and bar["moneyness_level"] == 0 and "put" not in bar
     assert bar["atm_strike"] == 0 and d["stale"] is False  # zero values printed, proto field names
     assert ": " not in text and ", " not in text
-    assert json.loads(to_json(q.ListExpiriesResponse(underlying="ñ")).decode()) == {"underlying": "ñ", "expiries": []}
+    assert json.loads(to_json(q.ListExpiriesResponse(underlying="ñ")).decode()) == {
+        "underlying": "ñ", "expiries": [], "stale": False}
     assert "ñ" in to_json(q.ListExpiriesResponse(underlying="ñ")).decode()  # UTF-8, not \\u escapes

@@ -5,9 +5,13 @@ Read path of one request (raw request bytes in, serialized response bytes out, n
      ``optmon:seq`` freshness check) and its TTL has not passed.
   2. Otherwise parse + validate, and under single-flight by L2 key ``optmon:qc:<method>:<U>:<tf>:<gen>:<hash>``:
      L2 (Redis, lz4 above a threshold), else compute from PostgreSQL, store in L1 and (in the background) L2,
-     plus a "last good" copy ``optmon:qc:last:<method>:<hash>`` for outages.
-  3. PostgreSQL down: the newest L1 entry of any generation, else the L2 last-good copy, served with the
-     response's ``stale`` field set (by appending the field's bytes: protobuf's last-one-wins); else UNAVAILABLE.
+     plus a "last good" copy ``optmon:qc:last:<method>:<hash>`` for outages. ``<hash>`` is of the *canonical*
+     request bytes (the parsed request re-serialized): one request encoded differently — Envoy's transcoder
+     writes fields in query-parameter order and Timestamps with ``nanos: 0`` — shares L2, single-flight and the
+     last-good copy with a protobuf client's.
+  3. PostgreSQL down: the newest L1 entry of any generation (raw, else canonical bytes), else the L2 last-good
+     copy, served with the response's ``stale`` field set (by appending the field's bytes: protobuf's
+     last-one-wins); else UNAVAILABLE.
      The stale fallback runs per caller, outside the single-flight, so a caller that must not get a stale answer
      (``allow_stale=False``) never receives one computed for another caller.
 
@@ -53,13 +57,14 @@ async def _no_compute(query: Any) -> bytes:
 
 @dataclass(frozen=True)
 class Method:
-    """A cached RPC: ``parse(raw) -> (query, scope)`` validates (raising FieldViolations / NotFound);
+    """A cached RPC: ``parse(raw) -> (query, scope, canonical)`` validates (raising FieldViolations / NotFound)
+    and returns the canonical request bytes (equal requests → equal bytes, whatever their encoding);
     ``compute(query) -> bytes`` reads PostgreSQL (raising Unavailable when it is down); ``stale_field`` is the
     response's ``stale`` field number (0 when it has none). A derived method (``source`` set) is
     ``render(source's bytes)`` instead (see :meth:`derived`)."""
 
     name: str
-    parse: Callable[[bytes], tuple[Any, tuple[str, int]]]
+    parse: Callable[[bytes], tuple[Any, tuple[str, int], bytes]]
     compute: Callable[[Any], Awaitable[bytes]]
     stale_field: int = 0
     source: Method | None = None
@@ -91,6 +96,7 @@ class ResponseCache:
         self._lat_l1 = metrics.LATENCY.labels("l1")
         self._lat_l2 = metrics.LATENCY.labels("l2")
         self._lat_pg = metrics.LATENCY.labels("pg")
+        self._pg_up = True
 
     def _count(self, kind: str, layer: str, method: str) -> None:
         key = (kind, layer, method)
@@ -114,20 +120,20 @@ class ResponseCache:
                 self._lat_l1.observe(time.perf_counter() - t0)
                 return e.data
         self._count("miss", "l1", m.name)
-        query, scope = m.parse(raw)
+        query, scope, canonical = m.parse(raw)
         await self.gens.ensure_fresh(scope[0])
         token = self.gens.token(scope)
-        h = hashlib.blake2b(raw, digest_size=12).hexdigest()
+        h = hashlib.blake2b(canonical, digest_size=12).hexdigest()
         l2key = f"optmon:qc:{m.name}:{scope[0]}:{scope[1]}:{token[1]}:{h}"
         try:
             return await self.flights.do(l2key, lambda: self._fill(m, key, raw, query, scope, token, l2key, h))
-        except Unavailable:
+        except Unavailable as e:
             if not allow_stale:
                 raise
-            stale = await self._stale(m, raw)
+            stale = await self._stale(m, raw, canonical, h)
             if stale is None:
                 metrics.UNAVAILABLE.labels(m.name).inc()
-                raise
+                raise Unavailable(f"{e}; no cached answer for this request") from e
             metrics.STALE.labels(m.name).inc()
             return stale
 
@@ -150,11 +156,11 @@ class ResponseCache:
         t1 = time.perf_counter()
         try:
             data = await self._compute(m, raw, query)
-        except Unavailable:
-            metrics.PG_UP.set(0)
+        except Unavailable as e:
+            self._pg_state(False, e)
             raise
         if m.source is None:
-            metrics.PG_UP.set(1)
+            self._pg_state(True)
             self._lat_pg.observe(time.perf_counter() - t1)
         self.l1.put(key, Entry(data, scope, token, time.monotonic() + self.l1_ttl))
         if self.gate is not None and self.gate.usable:
@@ -162,17 +168,30 @@ class ResponseCache:
             self._spawn(self._l2_set(l2key, self._pack(data), self.l2_ttl, last))
         return data
 
-    async def _stale(self, m: Method, raw: bytes) -> bytes | None:
-        """A cached answer of any generation, marked stale (derived: the source's, rendered); None when none."""
+    def _pg_state(self, up: bool, err: Unavailable | None = None) -> None:
+        """``optmon_query_pg_up``, and one log line per transition (``pg.down`` with the cause, ``pg.recovered``)."""
+        if up != self._pg_up:
+            self._pg_up = up
+            if up:
+                log.info("pg.recovered")
+            else:
+                cause = err.__cause__ if err is not None and err.__cause__ is not None else err
+                log.warning("pg.down", error=f"{type(cause).__name__}: {cause}",
+                            degraded="cached answers served stale, others UNAVAILABLE")
+        metrics.PG_UP.set(1 if up else 0)
+
+    async def _stale(self, m: Method, raw: bytes, canonical: bytes, h: str) -> bytes | None:
+        """A cached answer of any generation, marked stale (derived: the source's, rendered); None when none.
+        ``h`` is the hash of ``canonical`` (the last-good copy's key)."""
         if m.source is not None:
             assert m.render is not None
-            src = await self._stale(m.source, raw)
+            src = await self._stale(m.source, raw, canonical, h)
             return None if src is None else m.render(src)
-        e = self.l1.get((m.name, raw))
+        e = self.l1.get((m.name, raw)) or self.l1.get((m.name, canonical))
         if e is not None:
             data: bytes | None = e.data
         else:
-            data = await self._l2_get(f"optmon:qc:last:{m.name}:{hashlib.blake2b(raw, digest_size=12).hexdigest()}")
+            data = await self._l2_get(f"optmon:qc:last:{m.name}:{h}")
         if data is None:
             return None
         return data + stale_suffix(m.stale_field) if m.stale_field else data

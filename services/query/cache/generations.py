@@ -4,6 +4,9 @@
 - Between ingest's XADD/INCR and the consumer seeing the entry there is a window. To close it, a read of a cached
   answer first makes sure ``optmon:seq:<U>`` was read less than ``fresh_check_ms`` ago; when that sequence is newer
   than the last one known, every timeframe of U is bumped to it at once (over-invalidation, never staleness).
+- With a :class:`~services.query.cache.seqwatch.SeqWatch` (``watch``), the read is skipped while Redis has pushed no
+  change of any ``optmon:seq:*`` key since the last read of *every* sequence (each read then covers all underlyings,
+  so one read re-syncs the watch).
 - A sequence going *down* means Redis lost its data (restart without persistence): the local epoch is bumped so
   every L1 entry becomes unreachable; L2 lived in the same Redis and is gone too.
 
@@ -17,6 +20,7 @@ import time
 
 from services.query.cache import metrics
 from services.query.cache.redis_gate import RedisDown, RedisGate
+from services.query.cache.seqwatch import SeqWatch
 
 #: Scope of views spanning every underlying (ListUnderlyings).
 ALL = "*"
@@ -31,8 +35,9 @@ class Generations:
     """Generation bookkeeping; ``underlyings`` are the configured symbols, ``timeframes`` the enum numbers."""
 
     def __init__(self, underlyings: list[str], gate: RedisGate | None, fresh_check_ms: float,
-                 timeframes: tuple[int, ...] = (1, 2, 3, 4)):
+                 timeframes: tuple[int, ...] = (1, 2, 3, 4), watch: SeqWatch | None = None):
         self.underlyings = sorted(underlyings)
+        self.watch = watch
         self.timeframes = timeframes
         self.gate = gate
         self.interval = fresh_check_ms / 1000.0
@@ -86,8 +91,12 @@ class Generations:
         return False
 
     async def ensure_fresh(self, u: str) -> None:
-        """Make sure ``optmon:seq`` of ``u`` (every underlying for ALL) was read within the check interval.
-        Concurrent callers share a read started within the interval. No-op while Redis is down."""
+        """Make sure ``optmon:seq`` of ``u`` (every underlying for ALL, or with a watch) was read within the check
+        interval — or, with a watch, that no sequence changed since the last read. Concurrent callers share a read
+        started within the interval. No-op while Redis is down."""
+        w = self.watch
+        if w is not None and w.clean():
+            return
         now = time.monotonic()
         if now - self._checked.get(u, -1e9) <= self.interval or self.gate is None or not self.gate.usable:
             return
@@ -98,7 +107,11 @@ class Generations:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[u] = (now, fut)
         try:
-            names = self.underlyings if u == ALL else [u]
+            if u == ALL or w is not None:
+                names = self.underlyings if u == ALL or u in self.underlyings else [*self.underlyings, u]
+            else:
+                names = [u]
+            snapshot = w.activity if w is not None else 0  # before the read is sent
             try:
                 vals = await self.gate.call(lambda c: c.mget([seq_key(n) for n in names]))
             except RedisDown:
@@ -108,6 +121,8 @@ class Generations:
                     self.observe_seq(n, int(v))
                 self._checked[n] = now
             self._checked[u] = now
+            if w is not None:
+                w.mark_synced(snapshot)
         finally:
             fut.set_result(None)
             if self._inflight.get(u, (0, None))[1] is fut:

@@ -1,11 +1,12 @@
 """Validated, defaulted forms of the QueryService requests. Each ``validate_*`` takes plain values (the servicer
 extracts them from the proto), collects every problem into one :class:`FieldViolations` (→ INVALID_ARGUMENT) and
-raises :class:`NotFound` for an underlying that is not configured."""
+raises :class:`NotFound` for an underlying that is not configured. Times (UTC, tz-aware) before :data:`MIN_TIME`
+are violations."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from services.common.domain.timeframes import Timeframe
 from services.common.errors import FieldViolations, NotFound
@@ -22,6 +23,8 @@ DEFAULT_BARS_SPAN = timedelta(days=1)
 MAX_BARS_SPAN = timedelta(days=366)
 DEFAULT_PAGE_SIZE = 5000
 MAX_PAGE_SIZE = 20000
+#: Earliest time a request may name (no market data before; keeps the default ranges' arithmetic in range).
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 #: Indicator enum numbers (optmon.v1.Indicator) → leg field name.
 INDICATOR_FIELDS: dict[int, str] = {
@@ -119,6 +122,14 @@ def _expiries(values: list[str], fv: FieldViolations) -> tuple[date, ...]:
     return tuple(out)
 
 
+def _check_time(field: str, t: datetime | None, fv: FieldViolations) -> bool:
+    """False (and a violation) for a time before MIN_TIME."""
+    if t is not None and t < MIN_TIME:
+        fv.add(field, f"must be at or after {MIN_TIME.isoformat()}, got {t.isoformat()}")
+        return False
+    return True
+
+
 def _timeframe(value: int, default: Timeframe, fv: FieldViolations) -> Timeframe:
     if value == 0:
         return default
@@ -147,6 +158,7 @@ def validate_distribution(underlying: str, timeframe: int, expiries: list[str], 
         if ind not in INDICATOR_FIELDS:
             fv.add(f"indicators[{i}]", f"unknown indicator {ind}")
         inds.add(ind)
+    _check_time("as_of_time", as_of, fv)
     fv.raise_if_any()
     _known(u, configured)
     return DistributionQuery(u, tf, exps, n, frozenset(inds or INDICATOR_FIELDS), as_of)
@@ -154,8 +166,9 @@ def validate_distribution(underlying: str, timeframe: int, expiries: list[str], 
 
 def validate_series(underlying: str, timeframe: int, expiries: list[str], indicator: int, side: int, levels: int,
                     start: datetime | None, end: datetime | None, configured: dict[str, float]) -> SeriesQuery:
-    """Defaults: 5M, nearest 3 expiries, IV, call, levels 10 (0..50), end = latest bucket, start = end − 6 h.
-    The range may not exceed 31 days and start must not be after end."""
+    """Defaults: 5M, nearest 3 expiries, IV, call, levels 10 (1..50; 0 = the default), end = latest bucket,
+    start = end − 6 h. The range may not exceed 31 days, start must not be after end, times at or after
+    MIN_TIME."""
     fv = FieldViolations()
     u = check_underlying(underlying, configured, fv)
     tf = _timeframe(timeframe, Timeframe.M5, fv)
@@ -172,6 +185,8 @@ def validate_series(underlying: str, timeframe: int, expiries: list[str], indica
         fv.add("levels", f"must be in 0..{MAX_LEVELS}, got {levels}")
     # proto3 cannot tell 0 from unset: 0 means "default 10"; use levels=0 ... only via the default.
     lv = levels or DEFAULT_LEVELS
+    _check_time("start_time", start, fv)
+    _check_time("end_time", end, fv)
     if start is not None and end is not None:
         if start > end:
             fv.add("start_time", "must not be after end_time")
@@ -188,6 +203,7 @@ def validate_chain(underlying: str, expiry: str, as_of: datetime | None,
     fv = FieldViolations()
     u = check_underlying(underlying, configured, fv)
     exp = parse_expiry(expiry, "expiry", fv) if expiry else None
+    _check_time("as_of_time", as_of, fv)
     fv.raise_if_any()
     _known(u, configured)
     return ChainQuery(u, exp, as_of)
@@ -196,8 +212,9 @@ def validate_chain(underlying: str, expiry: str, as_of: datetime | None,
 def validate_bars(underlying: str, timeframe: int, expiry: str, strike: float, side: int,
                   start: datetime | None, end: datetime | None, page_size: int, after: datetime | None,
                   now: datetime, configured: dict[str, float]) -> BarsQuery:
-    """Defaults: 1M, end = now, start = end − 1 day (≤ 366 days), page size 5000 (1..20000). A contract needs
-    expiry, a strike > 0 on the grid and a side; the underlying's own bars need none of them."""
+    """Defaults: 1M, end = now, start = end − 1 day (≤ 366 days), page size 5000 (1..20000); times at or after
+    MIN_TIME. A contract needs expiry, a strike > 0 and a side (a strike without bars answers ``no_data``); the
+    underlying's own bars need none of them."""
     fv = FieldViolations()
     u = check_underlying(underlying, configured, fv)
     tf = _timeframe(timeframe, Timeframe.M1, fv)
@@ -213,12 +230,16 @@ def validate_bars(underlying: str, timeframe: int, expiry: str, strike: float, s
         page_size = DEFAULT_PAGE_SIZE
     elif not 1 <= page_size <= MAX_PAGE_SIZE:
         fv.add("page_size", f"must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
+    start_ok = _check_time("start_time", start, fv)
+    end_ok = _check_time("end_time", end, fv)
     end_t = end or now
-    start_t = start or end_t - DEFAULT_BARS_SPAN
-    if start_t > end_t:
-        fv.add("start_time", "must not be after end_time")
-    elif end_t - start_t > MAX_BARS_SPAN:
-        fv.add("end_time", f"range longer than {MAX_BARS_SPAN.days} days")
+    start_t = start or end_t
+    if start_ok and end_ok:  # (the default start's arithmetic needs end_t in range)
+        start_t = start or end_t - DEFAULT_BARS_SPAN
+        if start_t > end_t:
+            fv.add("start_time", "must not be after end_time")
+        elif end_t - start_t > MAX_BARS_SPAN:
+            fv.add("end_time", f"range longer than {MAX_BARS_SPAN.days} days")
     fv.raise_if_any()
     _known(u, configured)
     return BarsQuery(u, tf, exp, float(strike), side, start_t, end_t, page_size, after)

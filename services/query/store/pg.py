@@ -87,7 +87,9 @@ class PgStore:
             async with pool.acquire(timeout=self._connect_timeout) as conn:
                 return await fn(conn)
         except PG_DOWN_ERRORS as e:
-            raise Unavailable(f"PostgreSQL unavailable: {type(e).__name__}: {e}") from e
+            # The client sees the kind of failure only (no addresses); the cause (``__cause__``) is logged once per
+            # outage by the cache.
+            raise Unavailable(f"PostgreSQL unavailable: {type(e).__name__}") from e
 
     # --- snapshot views -------------------------------------------------------------------------------------
 
