@@ -391,24 +391,31 @@ async def _floor_server_main(conn: Connection) -> None:
 
     loop = asyncio.get_running_loop()
     state: dict[str, Any] = {"version": 0, "msg": b""}
-    waiters: set[asyncio.Event] = set()
+    writing: dict[Any, bool] = {}  # open streams' contexts → a write in flight
     times: dict[int, float] = {}
     snapshot = sp.SubscribeResponse(sequence=1, snapshot=sp.Snapshot()).SerializeToString()
 
-    async def subscribe(request: bytes, context: Any) -> Any:
-        ev = asyncio.Event()
-        waiters.add(ev)
+    async def subscribe(request: bytes, context: Any) -> None:
+        # the fastest way found to push to many grpc.aio streams: the handler parks, the ticker starts one
+        # context.write per stream (no generator or task waiting per stream)
+        await context.write(snapshot)
+        writing[context] = False
         try:
-            yield snapshot
-            seen = state["version"]
-            while True:
-                await ev.wait()
-                ev.clear()
-                if state["version"] != seen:
-                    seen = state["version"]
-                    yield state["msg"]
+            await loop.create_future()  # until the client goes away (cancellation)
         finally:
-            waiters.discard(ev)
+            writing.pop(context, None)
+
+    def write(context: Any, msg: bytes) -> None:
+        if writing.get(context) is False:
+            writing[context] = True
+
+            def done(t: asyncio.Task[None]) -> None:
+                if not t.cancelled():
+                    t.exception()
+                if context in writing:
+                    writing[context] = False
+
+            loop.create_task(context.write(msg)).add_done_callback(done)
 
     _, message_bytes = await loop.run_in_executor(None, conn.recv)
     server = grpc.aio.server()
@@ -417,6 +424,9 @@ async def _floor_server_main(conn: Connection) -> None:
                                                           response_serializer=None)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    from services.common.server import tune_gc
+
+    tune_gc()  # as the stream service does
     pad = max(0, (message_bytes - 40) // 8)
 
     async def ticker() -> None:
@@ -429,8 +439,8 @@ async def _floor_server_main(conn: Connection) -> None:
             ).SerializeToString()
             times[bt] = time.time()
             state["version"] += 1
-            for ev in waiters:
-                ev.set()
+            for ctx in list(writing):
+                write(ctx, state["msg"])
             next_t += 1.0
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
 

@@ -18,7 +18,7 @@ from optmon.v1 import market_pb2, query_service_pb2, stream_service_pb2
 from services.common.wire import varint
 from services.stream.domain.fixed import pack_leg
 from services.stream.domain.model import LEG_FIELDS, Bar, Leg
-from services.stream.domain.window import DeltaUpdate, Distribution, ExpiryBars, StrikeChange
+from services.stream.domain.window import DeltaUpdate, Distribution, ExpiryBars, ExpiryChange, StrikeChange
 
 _LEG_INDEX = {name: i for i, name in enumerate(LEG_FIELDS)}
 #: OptionLeg field number → index into LEG_FIELDS (a FieldDescriptor's number is cheaper to read than its name).
@@ -247,43 +247,58 @@ def _now_bytes() -> bytes:
     return _ts_bytes(sec, nanos)
 
 
+def _expiry_delta_bytes(e: ExpiryChange, bt: int, price: float, step: float, cache: bool) -> tuple[bytes, bool]:
+    """One encoded ``ExpiryDelta`` (field 3 of Delta, with its tag) and whether it carries fixed-point changes.
+
+    ``bars`` entries and ``changes`` columns in strike order (see :func:`_change_parts`), ``removed_strikes``
+    ascending. ``cache``: store each change's parts on it and reuse them (one update's changes are shared by every
+    group with the same indicators and mean the same bytes for all of them).
+    """
+    atm = e.atm_strike
+    ep = [_ld(1, e.expiry.encode()), b"\x11" + _DOUBLE.pack(atm)]
+    offsets: list[bytes] = []
+    fields: list[bytes] = []
+    values: list[bytes] = []
+    for s in sorted(e.bars):
+        c = e.bars[s]
+        w = c.wire if cache else None
+        if w is None:
+            w = _change_parts(c, bt, price, atm, step)
+            if cache:
+                c.wire = w
+        if w[0]:
+            ep.append(w[0])
+        if w[1]:
+            offsets.append(w[1])
+            fields.append(w[2])
+            values.append(w[3])
+    if e.removed:
+        rs = sorted(e.removed)
+        ep.append(_ld(4, struct.pack(f"<{len(rs)}d", *rs)))
+    if offsets:
+        v = b"".join(values)
+        ep.append(_ld(5, _ld(1, b"".join(offsets)) + _ld(2, b"".join(fields)) + (_ld(3, v) if v else b"")))
+    return _ld(3, b"".join(ep)), bool(offsets)
+
+
 def _delta_bytes(delta: DeltaUpdate, cache: bool) -> bytes:
     """The encoded ``Delta``, written field by field (the bytes protobuf would produce, up to field order).
 
-    Per expiry: ``bars`` entries and ``changes`` columns in strike order (see :func:`_change_parts`),
-    ``removed_strikes`` ascending. ``cache``: store each change's parts on it and reuse them (one update's changes
-    are shared by every group with the same indicators and mean the same bytes for all of them).
+    ``cache``: the delta's ExpiryChanges come from one update (same bucket, price and ATM for every group): each
+    expiry's encoding is stored on it and reused by every group that shows the same expiry view
+    (:func:`_expiry_delta_bytes`).
     """
     bt, price, step = delta.bucket_time, delta.underlying_price, delta.strike_step
     parts = [_ld(1, _ts_bytes(bt)), b"\x11" + _DOUBLE.pack(price)]
     any_changes = False
     for e in delta.expiries:
-        atm = e.atm_strike
-        ep = [_ld(1, e.expiry.encode()), b"\x11" + _DOUBLE.pack(atm)]
-        offsets: list[bytes] = []
-        fields: list[bytes] = []
-        values: list[bytes] = []
-        for s in sorted(e.bars):
-            c = e.bars[s]
-            w = c.wire if cache else None
-            if w is None:
-                w = _change_parts(c, bt, price, atm, step)
-                if cache:
-                    c.wire = w
-            if w[0]:
-                ep.append(w[0])
-            if w[1]:
-                offsets.append(w[1])
-                fields.append(w[2])
-                values.append(w[3])
-        if e.removed:
-            rs = sorted(e.removed)
-            ep.append(_ld(4, struct.pack(f"<{len(rs)}d", *rs)))
-        if offsets:
-            any_changes = True
-            v = b"".join(values)
-            ep.append(_ld(5, _ld(1, b"".join(offsets)) + _ld(2, b"".join(fields)) + (_ld(3, v) if v else b"")))
-        parts.append(_ld(3, b"".join(ep)))
+        w = e.wire if cache else None
+        if w is None:
+            w = _expiry_delta_bytes(e, bt, price, step, cache)
+            if cache:
+                e.wire = w
+        parts.append(w[0])
+        any_changes = any_changes or w[1]
     if delta.conflated:
         parts.append(b"\x20" + varint(delta.conflated))
     if any_changes:

@@ -71,7 +71,9 @@ def test_window_follows_atm() -> None:
     assert ch.atm_strike == 24600.0 and ch.removed == {24400.0, 24450.0}
     assert {s for s, c in ch.bars.items() if c.full} == {24650.0, 24700.0}
     assert view.windows[E] == [24500.0, 24550.0, 24600.0, 24650.0, 24700.0]
-    assert view.apply(book, {}) is None  # nothing changed: nothing sent
+    again = view.apply(book, touched)  # once per update: one change for every group sharing the view
+    assert again is not None and again.expiries[0] is ch
+    assert view.apply(book, book.apply([], 1060, 24590.0)) is None  # nothing changed: nothing sent
 
 
 def test_delta_carries_only_changed_fields() -> None:

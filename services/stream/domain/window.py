@@ -11,6 +11,7 @@ server no longer has.
 from __future__ import annotations
 
 import bisect
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -76,6 +77,9 @@ class ExpiryChange:
     atm_strike: float
     bars: dict[float, StrikeChange] = field(default_factory=dict)
     removed: set[float] = field(default_factory=set)
+    #: Encoded ExpiryDelta cached by the codec for the update that produced this change (shared by every group
+    #: holding the same :class:`ExpiryView`): (bytes, whether it has fixed-point changes).
+    wire: tuple[bytes, bool] | None = None
 
 
 @dataclass(slots=True)
@@ -116,6 +120,10 @@ class Book:
         self.default_expiries: list[str] = []
         #: Projections of the current bars, per (expiry, strike) and indicator set, shared by groups.
         self._proj: dict[tuple[str, float], dict[tuple[int, ...], Bar]] = {}
+        #: Updates applied so far (:meth:`apply`).
+        self.updates = 0
+        #: Per-expiry views shared by the groups that show the same expiry, window and indicators.
+        self._views: weakref.WeakValueDictionary[tuple[object, ...], ExpiryView] = weakref.WeakValueDictionary()
 
     def wanted_expiries(self) -> set[str]:
         """Expiries whose bars the book keeps: the seeded ones (explicit, and the resolved default ones). Bars of
@@ -185,7 +193,21 @@ class Book:
             if underlying_price:
                 self.underlying_price = underlying_price
         self._relist()
+        self.updates += 1
         return touched
+
+    def expiry_view(self, expiry: str, flt: StreamFilter) -> ExpiryView:
+        """The view of ``expiry`` for ``flt``'s window and indicators, shared with every other group that shows the
+        same (one computation and one encoding per update for all of them). A new view, or one that missed an
+        update (no group held it then), is rebuilt from the book."""
+        key = (expiry, flt.strikes_around_atm, flt.strike_min, flt.strike_max, flt.indicators)
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = ExpiryView(expiry, flt)
+            v.rebuild(self)
+        elif v.applied != self.updates:
+            v.rebuild(self)
+        return v
 
     def seed(self, dist: Distribution, asked: Iterable[str]) -> None:
         """Load a snapshot (bars not older than the held ones win) and mark ``asked`` expiries as seeded."""
@@ -256,8 +278,107 @@ def full_change(bar: Bar) -> StrikeChange:
                         bar.call, bar.put)
 
 
+_Cache = dict[tuple[str, float, tuple[int, ...]], tuple[Bar, Bar, "StrikeChange | None"]]
+
+
+class ExpiryView:
+    """One expiry as its subscribers hold it: the projected bars of the window (ATM±N, following the ATM, or an
+    explicit strike range), restricted to the filter's indicators. Shared by every group with the same expiry,
+    window and indicators (:meth:`Book.expiry_view`): all of them hold the same bars after every update, so the
+    change of an update is computed (and encoded, :attr:`ExpiryChange.wire`) once for all of them."""
+
+    __slots__ = ("__weakref__", "applied", "atm", "change", "expiry", "filter", "full_mask", "held", "mask", "window")
+
+    def __init__(self, expiry: str, flt: StreamFilter) -> None:
+        self.expiry = expiry
+        self.filter = flt
+        self.mask = field_mask(flt.indicators)
+        self.full_mask = all(self.mask)
+        self.held: dict[float, Bar] = {}
+        self.atm = 0.0
+        self.window: list[float] = []
+        #: ``Book.updates`` when the view was last advanced or rebuilt, and the change it produced then.
+        self.applied = -1
+        self.change: ExpiryChange | None = None
+
+    def _proj(self, book: Book, s: float) -> Bar:
+        return book.project(self.expiry, s, self.filter.indicators, self.mask, self.full_mask)
+
+    def rebuild(self, book: Book) -> None:
+        """Reset from the book (first snapshot, resync, or a view that missed updates)."""
+        self.window = book.window(self.expiry, self.filter)
+        self.held = {s: self._proj(book, s) for s in self.window}
+        self.atm = book.atm.get(self.expiry, 0.0)
+        self.applied = book.updates
+        self.change = None
+
+    def bars(self) -> list[Bar]:
+        """The held bars ascending by strike."""
+        return [self.held[s] for s in self.window]
+
+    def advance(self, book: Book, touched: dict[str, set[float]], cache: _Cache) -> ExpiryChange | None:
+        """Advance to the book's current update (once per update: later calls return the same change); None when
+        nothing changed for this view. ``cache`` (one per update, shared by all views) reuses the change of a
+        strike computed for another view holding the same bar object."""
+        if self.applied == book.updates:
+            return self.change
+        self.applied = book.updates
+        self.change = None
+        e = self.expiry
+        inds = self.filter.indicators
+        t = touched.get(e)
+        atm = book.atm.get(e, 0.0)
+        moved = atm != self.atm
+        old_w = self.window
+        new_w = book.window(e, self.filter)
+        if not t and not moved and new_w == old_w:
+            return None
+        held = self.held
+        ch = ExpiryChange(e, atm)
+        if new_w != old_w:
+            new_set = set(new_w)
+            for s in old_w:
+                if s not in new_set:
+                    ch.removed.add(s)
+                    del held[s]
+        for s in new_w:
+            old = held.get(s)
+            if old is None:
+                b = self._proj(book, s)
+                held[s] = b
+                fkey = (e, -s - 1.0, inds)  # entering strikes: whole-bar changes, shared too
+                hit = cache.get(fkey)
+                if hit is None or hit[1] is not b:
+                    hit = cache[fkey] = (b, b, full_change(b))
+                ch.bars[s] = hit[2]  # type: ignore[assignment]
+                continue
+            if not moved and (t is None or s not in t):
+                continue
+            b = self._proj(book, s)
+            if b is old:
+                continue
+            key = (e, s, inds)
+            hit = cache.get(key)
+            if hit is not None and hit[0] is old and hit[1] is b:
+                c = hit[2]
+            else:
+                c = diff_bar(old, b)
+                if hit is None:
+                    cache[key] = (old, b, c)
+            held[s] = b
+            if c is not None:
+                ch.bars[s] = c
+                if c.full:
+                    ch.removed.add(s)
+        self.window = new_w
+        self.atm = atm
+        if ch.bars or ch.removed or moved:
+            self.change = ch
+        return self.change
+
+
 class GroupView:
-    """What the subscribers of one filter hold: per expiry the projected bars of the window.
+    """What the subscribers of one filter hold: one shared :class:`ExpiryView` per expiry.
 
     ``expiries`` is the resolved expiry list (the filter's, or the nearest ones from the first snapshot).
     """
@@ -265,93 +386,28 @@ class GroupView:
     def __init__(self, flt: StreamFilter, expiries: list[str]) -> None:
         self.filter = flt
         self.expiries = expiries
-        self.mask = field_mask(flt.indicators)
-        self.full_mask = all(self.mask)
-        self.held: dict[str, dict[float, Bar]] = {}
-        self.atm: dict[str, float] = {}
-        self.windows: dict[str, list[float]] = {}
+        self.views: list[ExpiryView] = []
 
-    def _proj(self, book: Book, e: str, s: float) -> Bar:
-        return book.project(e, s, self.filter.indicators, self.mask, self.full_mask)
+    @property
+    def windows(self) -> dict[str, list[float]]:
+        """Strikes shown per expiry, ascending."""
+        return {v.expiry: v.window for v in self.views}
 
     def rebuild(self, book: Book) -> None:
-        """Reset the view from the book (first snapshot, resync)."""
-        self.held = {}
-        self.atm = {}
-        self.windows = {}
-        for e in self.expiries:
-            w = book.window(e, self.filter)
-            self.windows[e] = w
-            self.held[e] = {s: self._proj(book, e, s) for s in w}
-            self.atm[e] = book.atm.get(e, 0.0)
+        """Take the expiries' views from the book (first snapshot, resync)."""
+        self.views = [book.expiry_view(e, self.filter) for e in self.expiries]
 
     def snapshot(self, book: Book, underlying: str) -> Distribution:
         """The current view as a distribution (bars ascending by strike)."""
-        return Distribution(
-            underlying, self.filter.timeframe, book.bucket_time, book.underlying_price,
-            [ExpiryBars(e, self.atm.get(e, 0.0), [self.held[e][s] for s in self.windows.get(e, [])])
-             for e in self.expiries],
-        )
+        return Distribution(underlying, self.filter.timeframe, book.bucket_time, book.underlying_price,
+                            [ExpiryBars(v.expiry, v.atm, v.bars()) for v in self.views])
 
-    def apply(self, book: Book, touched: dict[str, set[float]],
-              cache: dict[tuple[str, float, tuple[int, ...]], tuple[Bar, Bar, StrikeChange | None]] | None = None
-              ) -> DeltaUpdate | None:
+    def apply(self, book: Book, touched: dict[str, set[float]], cache: _Cache | None = None) -> DeltaUpdate | None:
         """Advance the view after ``book`` took an update that changed ``touched`` strikes; None when the view is
-        unchanged (then nothing is sent). ``cache`` (one dict per update, shared by the groups) reuses the change
-        of a strike computed for another group holding the same bar object (same objects, encoded once)."""
+        unchanged (then nothing is sent). ``cache``: one dict per update, shared by the groups."""
         if cache is None:
             cache = {}
-        inds = self.filter.indicators
-        changes: list[ExpiryChange] = []
-        for e in self.expiries:
-            t = touched.get(e)
-            atm = book.atm.get(e, 0.0)
-            moved = atm != self.atm.get(e, 0.0)
-            old_w = self.windows.get(e, [])
-            new_w = book.window(e, self.filter)
-            if not t and not moved and new_w == old_w:
-                continue
-            held = self.held.setdefault(e, {})
-            ch = ExpiryChange(e, atm)
-            if new_w != old_w:
-                new_set = set(new_w)
-                for s in old_w:
-                    if s not in new_set:
-                        ch.removed.add(s)
-                        del held[s]
-            for s in new_w:
-                old = held.get(s)
-                if old is None:
-                    b = self._proj(book, e, s)
-                    held[s] = b
-                    fkey = (e, -s - 1.0, inds)  # entering strikes: whole-bar changes, shared too
-                    hit = cache.get(fkey)
-                    if hit is None or hit[1] is not b:
-                        hit = cache[fkey] = (b, b, full_change(b))
-                    ch.bars[s] = hit[2]  # type: ignore[assignment]
-                    continue
-                if not moved and (t is None or s not in t):
-                    continue
-                b = self._proj(book, e, s)
-                if b is old:
-                    continue
-                key = (e, s, inds)
-                hit = cache.get(key)
-                if hit is not None and hit[0] is old and hit[1] is b:
-                    c = hit[2]
-                else:
-                    c = diff_bar(old, b)
-                    if hit is None:
-                        cache[key] = (old, b, c)
-                held[s] = b
-                if c is not None:
-                    ch.bars[s] = c
-                    if c.full:
-                        ch.removed.add(s)
-            self.windows[e] = new_w
-            self.atm[e] = atm
-            if ch.bars or ch.removed or moved:
-                changes.append(ch)
+        changes = [c for v in self.views if (c := v.advance(book, touched, cache)) is not None]
         if not changes:
             return None
         return DeltaUpdate(book.bucket_time, book.underlying_price, changes, strike_step=book.step)
