@@ -111,3 +111,6 @@ class StreamClient:
         except subprocess.TimeoutExpired:
             self._p.kill()
             self._p.wait(5)
+        for pipe in (self._p.stdin, self._p.stdout):
+            if pipe is not None:
+                pipe.close()

@@ -38,6 +38,7 @@ class Stack:
     channel: grpc.aio.Channel
     stub_client: stream_service_pb2_grpc.StreamServiceStub
     minute: int = 0
+    port: int = 0
 
     async def publish_minute(self, price: float, tf: int = 1) -> None:
         bt = T0 + 60 * self.minute
@@ -53,7 +54,7 @@ async def make_stack(redis_url: str, **kw: object) -> tuple[Stack, grpc.aio.Serv
     server, port = await create_server(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     pub = BarPublisher(redis_url, stub)
-    return Stack(stub, pub, server, channel, stream_service_pb2_grpc.StreamServiceStub(channel)), qserver
+    return Stack(stub, pub, server, channel, stream_service_pb2_grpc.StreamServiceStub(channel), port=port), qserver
 
 
 @pytest.fixture
@@ -296,3 +297,38 @@ async def test_resume_heartbeat_and_end(stack: Stack) -> None:
     await stack.server.stream_close()  # type: ignore[attr-defined]
     await r.wait_for(lambda r: r.task.done())
     assert r.msgs[-1].WhichOneof("kind") == "end"
+
+
+async def test_benchmark_c_client_counts_what_grpc_clients_receive(stack: Stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The stream benchmark's C subscriber (benchmarks/clients) against the real service: every stream gets its
+    snapshot, one Delta per update with the update's bucket, and the same message sizes a grpc.aio client sees."""
+    from benchmarks.clients import StreamClient, build_stream_client
+
+    exe = await asyncio.to_thread(build_stream_client, tmp_path)
+    req = stream_service_pb2.SubscribeRequest(underlying=U, expiries=EXPIRIES[:1], strikes_around_atm=5,
+                                              max_updates_per_second=20)
+    ref = Reader(stack, req)
+    await ref.wait_for(lambda r: r.msgs)
+    client = StreamClient(exe, "127.0.0.1", stack.port, per_connection=2, probe_every=1)
+    try:
+        assert await asyncio.to_thread(client.add, [req.SerializeToString()] * 3) == 3
+        async with asyncio.timeout(20):
+            while (await asyncio.to_thread(client.stats))["snapped"] < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        published = []
+        for i in range(3):
+            await stack.publish_minute(24210.0 + 30 * i)
+            published.append(last_bt(stack))
+            await ref.wait_bucket(last_bt(stack))
+        async with asyncio.timeout(20):
+            while (st := await asyncio.to_thread(client.stats))["deltas"] < 9:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert st["subs"] == 3 and st["errors"] == 0 and st["with_deltas"] == 3
+        assert sorted({b for b, _ in st["lat"]}) == published  # bucket of every Delta, parsed from the wire
+        ref_deltas = [m for m in ref.msgs if m.WhichOneof("kind") == "delta"][-3:]
+        # same body for every member of the group: the sizes differ from the reference reader's only by the
+        # sequence number's varint
+        assert abs(st["delta_bytes"] / 9 - sum(m.ByteSize() for m in ref_deltas) / 3) <= 2
+    finally:
+        await asyncio.to_thread(client.close)
+        ref.cancel()
