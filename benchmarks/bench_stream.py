@@ -282,8 +282,6 @@ async def _ask(conns: list[Connection], cmd: str, args: list[Any] | None = None)
 class _PyPool:
     """Subscribers in ``CLIENT_PROCS`` Python processes (grpc.aio clients, :func:`_client_main`)."""
 
-    kind = "python"
-
     def __init__(self, addr: str) -> None:
         mpctx = mp.get_context("spawn")
         self.conns: list[Connection] = []
@@ -321,8 +319,6 @@ class _PyPool:
 class _CPool:
     """Subscribers in ``C_CLIENT_PROCS`` processes of the C client (benchmarks/clients/grpc_stream_client.c): they
     cost the shared cores ~10× less CPU per message than grpc.aio clients, so what is measured is the service."""
-
-    kind = "c"
 
     def __init__(self, addr: str, exe: Path) -> None:
         from benchmarks.clients import StreamClient

@@ -27,7 +27,7 @@ from services.stream import codec, metrics
 from services.stream.codec import BarUpdateIn
 from services.stream.domain.conflation import merge
 from services.stream.domain.filters import StreamFilter
-from services.stream.domain.window import Book, DeltaUpdate, GroupView
+from services.stream.domain.window import Book, ChangeCache, DeltaUpdate, GroupView
 from services.stream.store.bars import BarConsumer
 from services.stream.store.query import QuerySnapshots, SnapshotError
 
@@ -133,9 +133,9 @@ class Subscriber:
 
     def heartbeat(self, now: float, heartbeat_s: float) -> None:
         """Send a heartbeat when the stream was idle (nothing sent, nothing pending) for ``heartbeat_s``."""
-        if not self._writing and now - self.last_send >= heartbeat_s and not self.pending and not self.closed \
-                and not self._final_sent:
-            self._start(codec.heartbeat_message(self.seq), "heartbeat", now)
+        if self._writing or self.closed or self._final_sent or self.pending or now - self.last_send < heartbeat_s:
+            return
+        self._start(codec.heartbeat_message(self.seq), "heartbeat", now)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -297,7 +297,7 @@ class _Underlying:
             if book is None:
                 return
             touched = book.apply(upd.bars(book.wanted_expiries()), upd.bucket_time, upd.underlying_price)
-            cache: dict = {}  # type: ignore[type-arg]
+            cache: ChangeCache = {}
             # largest groups first: the sends of the first groups overlap the computing of the later ones, so this
             # order serves most subscribers earliest
             groups = [g for g in self.groups.values() if g.filter.timeframe == upd.timeframe]

@@ -50,11 +50,6 @@ class HotCounters:
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
-    def sent(self, kind: str, nbytes: int) -> None:
-        """One message of ``kind`` and ``nbytes`` handed to gRPC."""
-        self.messages[kind] += 1
-        self.bytes[kind] += nbytes
-
     def latency(self, seconds: float) -> None:
         """One send latency observation (ingest receive → hand-off), seconds."""
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1

@@ -23,7 +23,7 @@ from services.stream.domain.conflation import merge
 from services.stream.domain.filters import normalize
 from services.stream.domain.fixed import LEG_SCALES, apply_change, fixed_change, on_grid, pack_leg
 from services.stream.domain.model import LEG_FIELDS, Bar
-from services.stream.domain.window import Book, DeltaUpdate, GroupView
+from services.stream.domain.window import Book, ChangeCache, DeltaUpdate, GroupView
 from services.stream.testing import ReferenceClient
 
 U = "NIFTY"
@@ -175,19 +175,27 @@ def _views(book: Book) -> list[GroupView]:
     return views
 
 
-def test_real_day_reconstructs_bit_for_bit_and_mostly_in_fixed_point(real_minutes) -> None:  # type: ignore[no-untyped-def]
+def _first_minute(real_minutes, n_clients: int = 1):  # type: ignore[no-untyped-def]
+    """Book and views at the first real minute, and ``n_clients`` reference clients per view holding its snapshot."""
     bt, spot, bars = real_minutes[0]
     book = Book(STEP, 300)
     book.apply(bars, bt, spot)
     views = _views(book)
-    clients = [ReferenceClient(U) for _ in views]
-    for v, c in zip(views, clients, strict=True):
-        c.apply(_resp(1, codec.snapshot_body(v.snapshot(book, U))))
+    clients = [[ReferenceClient(U) for _ in views] for _ in range(n_clients)]
+    for i, v in enumerate(views):
+        snap = _resp(1, codec.snapshot_body(v.snapshot(book, U)))
+        for cs in clients:
+            cs[i].apply(snap)
+    return book, views, clients
+
+
+def test_real_day_reconstructs_bit_for_bit_and_mostly_in_fixed_point(real_minutes) -> None:  # type: ignore[no-untyped-def]
+    book, views, (clients,) = _first_minute(real_minutes)
     packed = doubles = fixed_bytes = delta_bytes = 0
     seq = 1
     for bt, spot, bars in real_minutes[1:]:
         touched = book.apply(bars, bt, spot)
-        cache: dict = {}  # type: ignore[type-arg]
+        cache: ChangeCache = {}
         seq += 1
         for v, c in zip(views, clients, strict=True):
             d = v.apply(book, touched, cache)
@@ -212,22 +220,13 @@ def test_real_day_reconstructs_bit_for_bit_and_mostly_in_fixed_point(real_minute
 
 
 def test_real_day_conflated_delta_is_relative_to_what_the_lagging_client_holds(real_minutes) -> None:  # type: ignore[no-untyped-def]
-    bt, spot, bars = real_minutes[0]
-    book = Book(STEP, 300)
-    book.apply(bars, bt, spot)
-    views = _views(book)
-    fast = [ReferenceClient(U) for _ in views]
-    slow = [ReferenceClient(U) for _ in views]
-    for v, a, b in zip(views, fast, slow, strict=True):
-        snap = _resp(1, codec.snapshot_body(v.snapshot(book, U)))
-        a.apply(snap)
-        b.apply(snap)
+    book, views, (fast, slow) = _first_minute(real_minutes, 2)
     pending: list[DeltaUpdate | None] = [None] * len(views)
     merged_lags = 0
     rnd = random.Random(5)
     for k, (bt, spot, bars) in enumerate(real_minutes[1:], start=2):
         touched = book.apply(bars, bt, spot)
-        cache: dict = {}  # type: ignore[type-arg]
+        cache: ChangeCache = {}
         for i, v in enumerate(views):
             d = v.apply(book, touched, cache)
             assert d is not None

@@ -278,7 +278,9 @@ def full_change(bar: Bar) -> StrikeChange:
                         bar.call, bar.put)
 
 
-_Cache = dict[tuple[str, float, tuple[int, ...]], tuple[Bar, Bar, "StrikeChange | None"]]
+#: One update's strike changes shared by every view: (expiry, strike or -strike-1 for entering ones, indicators) →
+#: (held bar, new bar, change).
+ChangeCache = dict[tuple[str, float, tuple[int, ...]], tuple[Bar, Bar, "StrikeChange | None"]]
 
 
 class ExpiryView:
@@ -316,7 +318,7 @@ class ExpiryView:
         """The held bars ascending by strike."""
         return [self.held[s] for s in self.window]
 
-    def advance(self, book: Book, touched: dict[str, set[float]], cache: _Cache) -> ExpiryChange | None:
+    def advance(self, book: Book, touched: dict[str, set[float]], cache: ChangeCache) -> ExpiryChange | None:
         """Advance to the book's current update (once per update: later calls return the same change); None when
         nothing changed for this view. ``cache`` (one per update, shared by all views) reuses the change of a
         strike computed for another view holding the same bar object."""
@@ -402,7 +404,7 @@ class GroupView:
         return Distribution(underlying, self.filter.timeframe, book.bucket_time, book.underlying_price,
                             [ExpiryBars(v.expiry, v.atm, v.bars()) for v in self.views])
 
-    def apply(self, book: Book, touched: dict[str, set[float]], cache: _Cache | None = None) -> DeltaUpdate | None:
+    def apply(self, book: Book, touched: dict[str, set[float]], cache: ChangeCache | None = None) -> DeltaUpdate | None:
         """Advance the view after ``book`` took an update that changed ``touched`` strikes; None when the view is
         unchanged (then nothing is sent). ``cache``: one dict per update, shared by the groups."""
         if cache is None:
