@@ -207,10 +207,10 @@ def _change_parts(c: StrikeChange, bucket_time: int, price: float, atm: float, s
     values: list[int] = []
     rest_call = rest_put = None
     if c.call is not None:
-        m, values, rest_call = pack_leg(c.call, c.call_held)
+        m, values, rest_call = pack_leg(c.call, c.call_held, c.call_fixed)
         mask |= m << _CALL_BIT
     if c.put is not None:
-        m, v, rest_put = pack_leg(c.put, c.put_held)
+        m, v, rest_put = pack_leg(c.put, c.put_held, c.put_fixed)
         mask |= m << _PUT_BIT
         values += v
     bar = b""

@@ -21,9 +21,9 @@ from services.common.settings import DEFAULT_STRIKE_STEPS
 from services.stream import codec
 from services.stream.domain.conflation import merge
 from services.stream.domain.filters import normalize
-from services.stream.domain.fixed import LEG_SCALES, apply_change, fixed_change, on_grid, pack_leg
-from services.stream.domain.model import LEG_FIELDS, Bar
-from services.stream.domain.window import Book, ChangeCache, DeltaUpdate, GroupView
+from services.stream.domain.fixed import LEG_SCALES, apply_change, fixed_change, leg_changes, on_grid, pack_leg
+from services.stream.domain.model import INDICATOR_FIELDS, LEG_FIELDS, Bar, field_mask, project_bar
+from services.stream.domain.window import BarDiff, Book, ChangeCache, DeltaUpdate, GroupView, diff_bar, full_change
 from services.stream.testing import ReferenceClient
 
 U = "NIFTY"
@@ -91,20 +91,19 @@ def test_change_limits() -> None:
     assert on_grid(24_212.85, 20) == 484_257 and on_grid(75.38, 100) == 7538 and on_grid(2e-06, 1_000_000) == 2
 
 
+def _random_value(rnd: random.Random, i: int) -> float | int | None:
+    scale = LEG_SCALES[i] or 100
+    if rnd.random() < 0.3:
+        return rnd.choice([None, -0.0, 0.0, math.nan, 1 / 3, 2**40, 2**50, 1e300, 7, -12])
+    n = rnd.randrange(-10**6, 10**6)
+    return n if scale == 1 else n / scale
+
+
 def test_pack_leg_follows_fixed_change_field_by_field() -> None:
     rnd = random.Random(7)
-    pool: list[float | int | None] = [None, -0.0, 0.0, math.nan, 1 / 3, 2**40, 2**50, 1e300, 7, -12]
-
-    def value(i: int) -> float | int | None:
-        scale = LEG_SCALES[i] or 100
-        if rnd.random() < 0.3:
-            return rnd.choice(pool)
-        n = rnd.randrange(-10**6, 10**6)
-        return n if scale == 1 else n / scale
-
     for _ in range(3000):
-        new = tuple(value(i) for i in range(len(LEG_FIELDS)))
-        held = tuple(value(i) for i in range(len(LEG_FIELDS)))
+        new = tuple(_random_value(rnd, i) for i in range(len(LEG_FIELDS)))
+        held = tuple(_random_value(rnd, i) for i in range(len(LEG_FIELDS)))
         mask, changes, rest = pack_leg(new, held)
         want_changes = []
         for i, (v, h) in enumerate(zip(new, held, strict=True)):
@@ -114,6 +113,67 @@ def test_pack_leg_follows_fixed_change_field_by_field() -> None:
                 want_changes.append(ch)
             assert (rest[i] if rest else None) is (v if ch is None else None), (LEG_FIELDS[i], v, h)
         assert changes == want_changes
+
+
+def test_pack_leg_with_shared_leg_changes_equals_pack_leg_alone() -> None:
+    """The codec packs each indicator set's change with the fixed-point changes computed once from the whole legs
+    (``leg_changes``); the result must be what packing that change on its own gives."""
+    rnd = random.Random(11)
+    n = len(LEG_FIELDS)
+    for _ in range(3000):
+        old = tuple(_random_value(rnd, i) for i in range(n))
+        new = tuple(_random_value(rnd, i) if rnd.random() < 0.6 else old[i] for i in range(n))
+        changed = [i for i in range(n) if not old[i] == new[i]]
+        shared = leg_changes(new, old, changed)
+        keep = {i for i in changed if rnd.random() < 0.5 and new[i] is not None}
+        part = tuple(new[i] if i in keep else None for i in range(n))
+        held = tuple(old[i] if i in keep else None for i in range(n))
+        assert pack_leg(part, held, shared) == pack_leg(part, held)
+
+
+def test_bar_diff_projects_to_what_diffing_the_restricted_bars_gives() -> None:
+    """One whole-bar diff per strike and update serves every indicator set: for random bar pairs (fields changed,
+    became absent, NaN, legs appearing or vanishing, ATM moves) and every indicator set, ``BarDiff.project`` must
+    equal ``diff_bar`` of the two bars restricted to the set, field for field."""
+    rnd = random.Random(5)
+    n = len(LEG_FIELDS)
+    sets = [(i,) for i in INDICATOR_FIELDS] + [(1, 7, 8), (2, 7), (1, 2, 3, 4, 5, 6), tuple(INDICATOR_FIELDS)]
+
+    def leg(base: tuple[float | int | None, ...] | None) -> tuple[float | int | None, ...] | None:
+        if rnd.random() < 0.05:
+            return None
+        if base is None:
+            return tuple(_random_value(rnd, i) for i in range(n))
+        return tuple(_random_value(rnd, i) if rnd.random() < 0.3 else base[i] for i in range(n))
+
+    seen = {"none": 0, "replace": 0, "change": 0}
+    for _ in range(4000):
+        call, put = leg(None), leg(None)
+        old = Bar(24000.0, 60, 24010.5, 0, 24000.0, call, put)
+        moved = rnd.random() < 0.2
+        new = Bar(24000.0, 60 if rnd.random() < 0.8 else 120, 24010.5 if rnd.random() < 0.7 else 24011.0,
+                  1 if moved else 0, 23950.0 if moved else 24000.0,
+                  leg(call) if rnd.random() < 0.9 else call, leg(put) if rnd.random() < 0.9 else put)
+        d = BarDiff.of(old, new)
+        for inds in sets:
+            mask = field_mask(inds)
+            full = all(mask)
+            want = diff_bar(project_bar(old, mask, full), project_bar(new, mask, full))
+            if d is None:
+                assert want is None
+                continue
+            replace, got = d.project(sum(1 << i for i, m in enumerate(mask) if m))
+            if replace:
+                got = full_change(project_bar(new, mask, full))
+            seen["none" if want is None else "replace" if want.full else "change"] += 1
+            if want is None or got is None:
+                assert want is got, (inds, old, new)
+                continue
+            fields = ("strike", "full", "bucket_time", "underlying_close", "atm_strike", "moneyness_level", "call",
+                      "put", "call_held", "put_held")
+            # NaN compares unequal: compare reprs
+            assert [repr(getattr(got, f)) for f in fields] == [repr(getattr(want, f)) for f in fields], inds
+    assert min(seen.values()) > 100, seen
 
 
 # ---------------------------------------------------------------------------------------------------------------

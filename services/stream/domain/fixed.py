@@ -16,6 +16,7 @@ bit (``held × s`` is within a few ulps of the integer ``n_held``, far from a ro
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 from services.stream.domain.model import LEG_FIELDS, Leg
 
@@ -74,49 +75,63 @@ def apply_change(held: float | int, change: int, scale: int) -> float | int:
 
 #: LEG_SCALES with their LEG_FIELDS index, for the fixed-point fields only.
 _SCALED: tuple[tuple[int, int], ...] = tuple((i, s) for i, s in enumerate(LEG_SCALES) if s is not None)
-_UNSCALED: tuple[int, ...] = tuple(i for i, s in enumerate(LEG_SCALES) if s is None)
 _N = len(LEG_FIELDS)
 _NONE: Leg = (None,) * _N
 
 
-def pack_leg(new: Leg, held: Leg | None) -> tuple[int, list[int], list[float | int | None] | None]:
+def leg_changes(new: Leg, held: Leg, fields: Iterable[int]) -> list[int | None]:
+    """Per LEG_FIELDS entry, the fixed-point change from ``held`` to ``new`` for the ``fields`` indices (None where
+    it cannot be sent that way, and for every other field). Same rule as :func:`fixed_change`, inlined: computed
+    once per strike and update from the whole legs, and shared by every indicator set (:func:`pack_leg`'s
+    ``fixed``)."""
+    out: list[int | None] = [None] * _N
+    lim, clim, rnd, sign = _LIMIT, _CHANGE_LIMIT, round, math.copysign
+    for i in fields:
+        scale = LEG_SCALES[i]
+        v = new[i]
+        h = held[i]
+        if scale is None or v is None or h is None:
+            continue
+        x = v * scale
+        y = h * scale
+        if -lim < x < lim and -lim < y < lim:
+            b = rnd(x)
+            a = rnd(y)
+            c = b - a
+            if (b / scale == v and a / scale == h and -clim < c < clim
+                    and (b or sign(1.0, v) > 0) and (a or sign(1.0, h) > 0)):
+                out[i] = c
+    return out
+
+
+def pack_leg(new: Leg, held: Leg | None, fixed: Sequence[int | None] | None = None
+             ) -> tuple[int, list[int], list[float | int | None] | None]:
     """Split one leg's changed values (``new``: None = unchanged) into fixed-point changes and the rest.
 
     ``held``: the client's values of those fields (None where it has none). Returns ``(mask, changes, rest)``: bit
     ``i`` of ``mask`` set for each LEG_FIELDS entry sent as a fixed-point change, ``changes`` in field order, and
     ``rest`` a leg of the values that must travel as they are (None when there are none). Same rule as
     :func:`fixed_change`, inlined (the codec calls this for every changed leg of every update; tested equal).
+    ``fixed``: the changes already computed by :func:`leg_changes` for these held and new values (then only
+    looked up).
     """
     if held is None:
         held = _NONE
+    if fixed is None:
+        fixed = leg_changes(new, held, [i for i, _ in _SCALED if new[i] is not None])
     mask = 0
     changes: list[int] = []
     rest: list[float | int | None] | None = None
-    lim, clim, rnd, sign = _LIMIT, _CHANGE_LIMIT, round, math.copysign
-    for i, scale in _SCALED:
+    for i in range(_N):
         v = new[i]
         if v is None:
             continue
-        h = held[i]
-        if h is not None:
-            x = v * scale
-            y = h * scale
-            if -lim < x < lim and -lim < y < lim:
-                b = rnd(x)
-                a = rnd(y)
-                c = b - a
-                if (b / scale == v and a / scale == h and -clim < c < clim
-                        and (b or sign(1.0, v) > 0) and (a or sign(1.0, h) > 0)):
-                    mask |= 1 << i
-                    changes.append(c)
-                    continue
+        c = fixed[i]
+        if c is not None:
+            mask |= 1 << i
+            changes.append(c)
+            continue
         if rest is None:
             rest = [None] * _N
         rest[i] = v
-    for i in _UNSCALED:
-        v = new[i]
-        if v is not None:
-            if rest is None:
-                rest = [None] * _N
-            rest[i] = v
     return mask, changes, rest

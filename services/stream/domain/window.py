@@ -14,12 +14,16 @@ import bisect
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.domain.moneyness import atm_strike, moneyness_level
 from services.stream.domain.filters import StreamFilter
-from services.stream.domain.model import Bar, Leg, field_mask, project_bar
+from services.stream.domain.fixed import leg_changes
+from services.stream.domain.model import ALL_INDICATORS, LEG_FIELDS, Bar, Leg, field_mask, project_bar
 
 _EPS = 1e-6
+_ALL_MASK = field_mask(ALL_INDICATORS)
+_N = len(LEG_FIELDS)
 
 
 @dataclass(slots=True)
@@ -64,6 +68,11 @@ class StrikeChange:
     put: Leg | None
     call_held: Leg | None = None
     put_held: Leg | None = None
+    #: Per LEG_FIELDS entry, the fixed-point change of the whole leg's field from the held bar to the new one
+    #: (:func:`services.stream.domain.fixed.leg_changes`; computed once per strike and update for every indicator
+    #: set), None when not computed: the codec then works it out from ``call``/``call_held``.
+    call_fixed: list[int | None] | None = None
+    put_fixed: list[int | None] | None = None
     #: Encoded form cached by the codec for the update that produced this change (shared by every group):
     #: (StrikeBar entry, fixed-point offset, fields, values), each b"" when absent.
     wire: tuple[bytes, bytes, bytes, bytes] | None = None
@@ -177,6 +186,11 @@ class Book:
             b = d[indicators] = project_bar(src, mask, full_mask)
         return b
 
+    def base(self, expiry: str, strike: float) -> Bar:
+        """The whole bar of (expiry, strike) with the expiry's current ATM and the level relative to it (what
+        :meth:`project` restricts to an indicator set; one shared object until the bar or the ATM changes)."""
+        return self.project(expiry, strike, ALL_INDICATORS, _ALL_MASK, True)
+
     def apply(
         self, bars: Iterable[tuple[str, Bar]], bucket_time: int, underlying_price: float
     ) -> dict[str, set[float]]:
@@ -278,23 +292,121 @@ def full_change(bar: Bar) -> StrikeChange:
                         bar.call, bar.put)
 
 
-#: One update's strike changes shared by every view: (expiry, strike or -strike-1 for entering ones, indicators) →
-#: (held bar, new bar, change).
-ChangeCache = dict[tuple[str, float, tuple[int, ...]], tuple[Bar, Bar, "StrikeChange | None"]]
+@dataclass(slots=True)
+class _LegDiff:
+    """How one leg of a whole bar changed: ``replace`` when the leg appeared or vanished; else the fields whose value
+    changed (``o != n``, as indices and as a bit set), the bits of those that are not the identical object (what
+    makes restricted legs unequal) and of those that became absent, and their fixed-point changes
+    (:func:`~services.stream.domain.fixed.leg_changes`)."""
+
+    replace: bool
+    changed: list[int]
+    distinct: int
+    nulled: int
+    fixed: list[int | None] | None
+
+
+_REPLACE_LEG = _LegDiff(True, [], 0, 0, None)
+
+
+def _leg_diff(old: Leg | None, new: Leg | None) -> _LegDiff | None:
+    if old == new:
+        return None
+    if old is None or new is None:
+        return _REPLACE_LEG
+    changed = [i for i in range(_N) if not old[i] == new[i]]
+    distinct = nulled = 0
+    for i in changed:
+        n = new[i]
+        if old[i] is not n:
+            distinct |= 1 << i
+        if n is None:
+            nulled |= 1 << i
+    return _LegDiff(False, changed, distinct, nulled, leg_changes(new, old, changed))
+
+
+@dataclass(slots=True)
+class BarDiff:
+    """The change of one strike's whole bar in one update (held → new, both :meth:`Book.base` bars), from which
+    every indicator set's :class:`StrikeChange` is derived (:meth:`project`) without comparing or packing again."""
+
+    old: Bar
+    new: Bar
+    header: bool
+    moved: bool
+    call: _LegDiff | None
+    put: _LegDiff | None
+
+    @staticmethod
+    def of(old: Bar, new: Bar) -> BarDiff | None:
+        """The diff of two bars of the same strike; None when equal."""
+        if old == new:
+            return None
+        moved = old.atm_strike != new.atm_strike or old.moneyness_level != new.moneyness_level
+        header = moved or old.bucket_time != new.bucket_time or old.underlying_close != new.underlying_close
+        return BarDiff(old, new, header, moved, _leg_diff(old.call, new.call), _leg_diff(old.put, new.put))
+
+    def project(self, mask: int) -> tuple[bool, StrikeChange | None]:
+        """The change as seen by an indicator set (``mask``: bit i set when it selects LEG_FIELDS[i]): exactly what
+        :func:`diff_bar` gives for the two bars restricted to it, as ``(False, change or None when equal)``, or
+        ``(True, None)`` for a replacement (the change is then the whole new bar so restricted, :func:`full_change`).
+        """
+        rc, call, call_held, call_fixed = self._leg(self.call, self.old.call, self.new.call, mask)
+        rp, put, put_held, put_fixed = self._leg(self.put, self.old.put, self.new.put, mask)
+        if rc or rp:
+            return True, None
+        if call is None and put is None and not self.header:
+            return False, None
+        n = self.new
+        return False, StrikeChange(n.strike, False, n.bucket_time, n.underlying_close,
+                            n.atm_strike if self.moved else None, n.moneyness_level if self.moved else None,
+                            call, put, call_held, put_held, call_fixed, put_fixed)
+
+    @staticmethod
+    def _leg(d: _LegDiff | None, old: Leg | None, new: Leg | None, mask: int
+             ) -> tuple[bool, Leg | None, Leg | None, list[int | None] | None]:
+        if d is None:
+            return False, None, None, None
+        if d.replace:
+            return True, None, None, None
+        if not d.distinct & mask:  # the restricted legs are equal
+            return False, None, None, None
+        if d.nulled & mask:
+            return True, None, None, None
+        assert old is not None and new is not None
+        out: list[float | int | None] = [None] * _N
+        held: list[float | int | None] = [None] * _N
+        for i in d.changed:
+            if mask >> i & 1:
+                out[i] = new[i]
+                held[i] = old[i]
+        return False, tuple(out), tuple(held), d.fixed
+
+
+#: One update's strike changes shared by every view: (expiry, strike, indicators) → (held bar, new bar, change),
+#: (expiry, -strike-1, indicators) → the whole-bar change of an entering strike, and (expiry, strike, None) →
+#: (held bar, new bar, BarDiff | None) for the whole bars.
+ChangeCache = dict[tuple[str, float, tuple[int, ...] | None], tuple[Bar, Bar, Any]]
 
 
 class ExpiryView:
-    """One expiry as its subscribers hold it: the projected bars of the window (ATM±N, following the ATM, or an
-    explicit strike range), restricted to the filter's indicators. Shared by every group with the same expiry,
-    window and indicators (:meth:`Book.expiry_view`): all of them hold the same bars after every update, so the
-    change of an update is computed (and encoded, :attr:`ExpiryChange.wire`) once for all of them."""
+    """One expiry as its subscribers hold it: the bars of the window (ATM±N, following the ATM, or an explicit strike
+    range), restricted to the filter's indicators. Shared by every group with the same expiry, window and indicators
+    (:meth:`Book.expiry_view`): all of them hold the same bars after every update, so the change of an update is
+    computed (and encoded, :attr:`ExpiryChange.wire`) once for all of them.
 
-    __slots__ = ("__weakref__", "applied", "atm", "change", "expiry", "filter", "full_mask", "held", "mask", "window")
+    ``held`` keeps the whole bars (:meth:`Book.base`); what the subscribers hold is their restriction to the
+    indicators (:meth:`bars`). Comparing whole bars once per strike and update serves every indicator set
+    (:class:`BarDiff`)."""
+
+    __slots__ = ("__weakref__", "applied", "atm", "bits", "change", "expiry", "filter", "full_mask", "held", "mask",
+                 "window")
 
     def __init__(self, expiry: str, flt: StreamFilter) -> None:
         self.expiry = expiry
         self.filter = flt
         self.mask = field_mask(flt.indicators)
+        self.bits = sum(1 << i for i, m in enumerate(self.mask) if m)
         self.full_mask = all(self.mask)
         self.held: dict[float, Bar] = {}
         self.atm = 0.0
@@ -309,19 +421,20 @@ class ExpiryView:
     def rebuild(self, book: Book) -> None:
         """Reset from the book (first snapshot, resync, or a view that missed updates)."""
         self.window = book.window(self.expiry, self.filter)
-        self.held = {s: self._proj(book, s) for s in self.window}
+        self.held = {s: book.base(self.expiry, s) for s in self.window}
         self.atm = book.atm.get(self.expiry, 0.0)
         self.applied = book.updates
         self.change = None
 
     def bars(self) -> list[Bar]:
-        """The held bars ascending by strike."""
-        return [self.held[s] for s in self.window]
+        """The bars the subscribers hold, ascending by strike (restricted to the indicators)."""
+        mask, full = self.mask, self.full_mask
+        return [project_bar(self.held[s], mask, full) for s in self.window]
 
     def advance(self, book: Book, touched: dict[str, set[float]], cache: ChangeCache) -> ExpiryChange | None:
         """Advance to the book's current update (once per update: later calls return the same change); None when
-        nothing changed for this view. ``cache`` (one per update, shared by all views) reuses the change of a
-        strike computed for another view holding the same bar object."""
+        nothing changed for this view. ``cache`` (one per update, shared by all views) reuses the whole-bar diff of
+        a strike and its change per indicator set, computed for another view holding the same bar object."""
         if self.applied == book.updates:
             return self.change
         self.applied = book.updates
@@ -346,17 +459,16 @@ class ExpiryView:
         for s in new_w:
             old = held.get(s)
             if old is None:
-                b = self._proj(book, s)
-                held[s] = b
+                b = held[s] = book.base(e, s)
                 fkey = (e, -s - 1.0, inds)  # entering strikes: whole-bar changes, shared too
                 hit = cache.get(fkey)
                 if hit is None or hit[1] is not b:
-                    hit = cache[fkey] = (b, b, full_change(b))
-                ch.bars[s] = hit[2]  # type: ignore[assignment]
+                    hit = cache[fkey] = (b, b, full_change(self._proj(book, s)))
+                ch.bars[s] = hit[2]
                 continue
             if not moved and (t is None or s not in t):
                 continue
-            b = self._proj(book, s)
+            b = book.base(e, s)
             if b is old:
                 continue
             key = (e, s, inds)
@@ -364,7 +476,19 @@ class ExpiryView:
             if hit is not None and hit[0] is old and hit[1] is b:
                 c = hit[2]
             else:
-                c = diff_bar(old, b)
+                dkey = (e, s, None)
+                dhit = cache.get(dkey)
+                if dhit is not None and dhit[0] is old and dhit[1] is b:
+                    diff = dhit[2]
+                else:
+                    diff = BarDiff.of(old, b)
+                    if dhit is None:
+                        cache[dkey] = (old, b, diff)
+                c = None
+                if diff is not None:
+                    replace, c = diff.project(self.bits)
+                    if replace:
+                        c = full_change(self._proj(book, s))
                 if hit is None:
                     cache[key] = (old, b, c)
             held[s] = b
