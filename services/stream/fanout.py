@@ -27,6 +27,7 @@ from services.stream import codec, metrics
 from services.stream.codec import BarUpdateIn
 from services.stream.domain.conflation import merge
 from services.stream.domain.filters import StreamFilter
+from services.stream.domain.schedule import cheapest_first
 from services.stream.domain.window import Book, ChangeCache, DeltaUpdate, GroupView
 from services.stream.store.bars import BarConsumer
 from services.stream.store.query import QuerySnapshots, SnapshotError
@@ -266,6 +267,9 @@ class _Underlying:
         self.books: dict[int, Book] = {}
         self.groups: dict[StreamFilter, Group] = {}
         self.last_seq = 0
+        #: Bumped when subscribers join or leave and when groups are rebuilt (invalidates the sending order).
+        self.changes = 0
+        self._orders: dict[int, tuple[int, list[Group]]] = {}
         self.consumer = BarConsumer(hub.redis_url, underlying, self.on_update, self.on_reset,
                                     block_ms=hub.block_ms)
 
@@ -298,16 +302,23 @@ class _Underlying:
                 return
             touched = book.apply(upd.bars(book.wanted_expiries()), upd.bucket_time, upd.underlying_price)
             cache: ChangeCache = {}
-            # largest groups first: the sends of the first groups overlap the computing of the later ones, so this
-            # order serves most subscribers earliest
-            groups = [g for g in self.groups.values() if g.filter.timeframe == upd.timeframe]
-            groups.sort(key=lambda g: -len(g.members))
-            for g in groups:
+            # the sends of the first groups overlap the computing of the later ones (domain/schedule.py)
+            for g in self._send_order(upd.timeframe):
                 d = g.view.apply(book, touched, cache)
                 if d is not None:
                     d.receive_time = upd.receive_time or upd.commit_time
                     g.publish(d)
                     await asyncio.sleep(0)  # let this group's subscribers send before the next group is built
+
+    def _send_order(self, timeframe: int) -> list[Group]:
+        """The groups of ``timeframe`` in sending order (:func:`cheapest_first`), recomputed when a subscriber
+        joined or left or a group was rebuilt since the last call."""
+        hit = self._orders.get(timeframe)
+        if hit is None or hit[0] != self.changes:
+            groups = [g for g in self.groups.values() if g.filter.timeframe == timeframe]
+            order = cheapest_first([(len(g.members), [(id(v), len(v.window)) for v in g.view.views]) for g in groups])
+            hit = self._orders[timeframe] = (self.changes, [groups[i] for i in order])
+        return hit[1]
 
     async def on_reset(self, reason: str) -> None:
         async with self.lock:
@@ -341,6 +352,7 @@ class _Underlying:
             return
         for g in self.groups.values():
             g.resync(self.books[g.filter.timeframe])
+        self.changes += 1
 
 
 class Hub:
@@ -429,6 +441,7 @@ class Hub:
                 metrics.GROUPS.inc()
             sub = Subscriber(g, rate, last_sequence, writer)
             g.members[sub] = None
+            st.changes += 1
             metrics.SUBSCRIBERS.inc()
         return sub
 
@@ -441,6 +454,8 @@ class Hub:
         g = sub.group
         g.members.pop(sub, None)
         st = self._states.get(g.filter.underlying)
+        if st is not None:
+            st.changes += 1
         if st is None or g.members:
             return
         if st.groups.get(g.filter) is g:
