@@ -19,9 +19,10 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
-from services.common.domain.timeframes import Timeframe
+from services.common.domain.timeframes import IST, Timeframe
 from services.common.logging import get_logger
 from services.stream import codec, metrics
 from services.stream.codec import BarUpdateIn
@@ -270,6 +271,8 @@ class _Underlying:
         #: Bumped when subscribers join or leave and when groups are rebuilt (invalidates the sending order).
         self.changes = 0
         self._orders: dict[int, tuple[int, list[Group]]] = {}
+        #: IST date (ISO) of the last expiry roll-over check that found the default expiries out of date.
+        self._rolled = ""
         self.consumer = BarConsumer(hub.redis_url, underlying, self.on_update, self.on_reset,
                                     block_ms=hub.block_ms)
 
@@ -301,6 +304,9 @@ class _Underlying:
             if book is None:
                 return
             touched = book.apply(upd.bars(book.wanted_expiries()), upd.bucket_time, upd.underlying_price)
+            if self._rolled_over(book):
+                await self._resync("expiry_rollover")
+                return
             cache: ChangeCache = {}
             # the sends of the first groups overlap the computing of the later ones (domain/schedule.py)
             for g in self._send_order(upd.timeframe):
@@ -309,6 +315,18 @@ class _Underlying:
                     d.receive_time = upd.receive_time or upd.commit_time
                     g.publish(d)
                     await asyncio.sleep(0)  # let this group's subscribers send before the next group is built
+
+    def _rolled_over(self, book: Book) -> bool:
+        """True once per IST date when the book's bucket is past the nearest of the default expiries and a group
+        shows the default ones: QueryService's nearest expiries (not before the bucket's IST date) have moved on,
+        so those groups must switch to them (a resync; the expired expiry gets no more bars)."""
+        if not book.default_expiries:
+            return False
+        today = (datetime.fromtimestamp(book.bucket_time, UTC) + IST).date().isoformat()
+        if min(book.default_expiries) >= today or self._rolled == today:
+            return False
+        self._rolled = today
+        return any(not g.filter.expiries for g in self.groups.values())
 
     def _send_order(self, timeframe: int) -> list[Group]:
         """The groups of ``timeframe`` in sending order (:func:`cheapest_first`), recomputed when a subscriber

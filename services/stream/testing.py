@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import UTC, date, datetime
 
 import grpc
 import redis.asyncio as aioredis
@@ -17,7 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from optmon.v1 import market_pb2, query_service_pb2, query_service_pb2_grpc, stream_service_pb2
 
 from services.common.domain.moneyness import atm_strike, moneyness_level
+from services.common.domain.timeframes import IST
 from services.common.errors import NotFound, not_found_status
+from services.query.domain.selection import nearest_expiries
 from services.stream.domain.fixed import LEG_SCALES, apply_change
 from services.stream.domain.model import LEG_FIELDS, field_mask
 from services.stream.store.bars import bars_key
@@ -48,11 +51,14 @@ class StubQueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         d = self.data.get(key)
         if not d:
             raise NotFound("UNKNOWN_UNDERLYING", f"no data for {req.underlying}", underlying=req.underlying)
-        expiries = list(req.expiries) or sorted(d)[:3]
+        bucket, price = self.price[key]
+        # QueryService's rule: the 3 nearest expiries not before the bucket's IST date (expired ones fill up)
+        today = (datetime.fromtimestamp(bucket, UTC) + IST).date()
+        expiries = list(req.expiries) or [
+            e.isoformat() for e in nearest_expiries([date.fromisoformat(x) for x in d], today, 3)]
         n = req.strikes_around_atm or 10
         step = self.strike_steps[req.underlying]
         mask = field_mask(tuple(req.indicators)) if req.indicators else None
-        bucket, price = self.price[key]
         resp = query_service_pb2.GetStrikeDistributionResponse(
             underlying=req.underlying, timeframe=tf, underlying_price=price)  # type: ignore[arg-type]
         resp.bucket_time.seconds = bucket

@@ -333,3 +333,32 @@ async def test_benchmark_c_client_counts_what_grpc_clients_receive(stack: Stack,
     finally:
         await asyncio.to_thread(client.close)
         ref.cancel()
+
+
+async def test_default_expiries_roll_over_to_the_next_ones_on_a_new_day(stack: Stack) -> None:
+    """A subscriber that asked for the default (nearest) expiries holds 18, 25 Aug and 1 Sep on 18 Aug. On the next
+    IST day the 18 Aug series has expired: the subscriber gets a fresh snapshot of 25 Aug, 1 and 8 Sep (what
+    GetStrikeDistribution answers now), then deltas of those, and a resync is counted."""
+    before = metric("optmon_stream_resyncs_total", reason="expiry_rollover")
+    req = stream_service_pb2.SubscribeRequest(underlying=U, strikes_around_atm=3)
+    r = Reader(stack, req)
+    await r.wait_for(lambda r: r.msgs)
+    assert [e.expiry for e in r.msgs[0].snapshot.distribution.expiries] == EXPIRIES
+    await stack.publish_minute(24230.0)
+    await r.wait_bucket(last_bt(stack))
+    next_day = T0 + 86_400
+    later = [*EXPIRIES[1:], "2026-09-08"]
+    await stack.pub.publish(U, 1, next_day, 24300.0, synthetic_chain(U, later, STRIKES, next_day, 24300.0, 50.0, 1, 1))
+    await r.wait_bucket(next_day)
+    snap = r.msgs[-1]
+    assert snap.WhichOneof("kind") == "snapshot"
+    assert [e.expiry for e in snap.snapshot.distribution.expiries] == later
+    assert r.client.distribution() == expected(stack, req, later)
+    await stack.pub.publish(U, 1, next_day + 60, 24350.0,
+                            synthetic_chain(U, later, STRIKES, next_day + 60, 24350.0, 50.0, 1, 2))
+    await r.wait_bucket(next_day + 60)
+    assert r.msgs[-1].WhichOneof("kind") == "delta"
+    assert {e.expiry for e in r.msgs[-1].delta.expiries} <= set(later)
+    assert r.client.distribution() == expected(stack, req, later)
+    assert metric("optmon_stream_resyncs_total", reason="expiry_rollover") == before + 1
+    r.cancel()
