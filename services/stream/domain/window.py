@@ -129,6 +129,8 @@ class Book:
         self.default_expiries: list[str] = []
         #: Projections of the current bars, per (expiry, strike) and indicator set, shared by groups.
         self._proj: dict[tuple[str, float], dict[tuple[int, ...], Bar]] = {}
+        #: :meth:`base` bars computed so far, per expiry and strike (forgotten with the projections).
+        self._base: dict[str, dict[float, Bar]] = {}
         #: Updates applied so far (:meth:`apply`).
         self.updates = 0
         #: Per-expiry views shared by the groups that show the same expiry, window and indicators.
@@ -154,6 +156,9 @@ class Book:
             bisect.insort(self.strikes[expiry], bar.strike)
         d[bar.strike] = bar
         self._proj.pop((expiry, bar.strike), None)
+        base = self._base.get(expiry)
+        if base:
+            base.pop(bar.strike, None)
         return True
 
     def _relist(self) -> None:
@@ -168,6 +173,7 @@ class Book:
                 self.atm[e] = atm
                 for s in strikes:
                     self._proj.pop((e, s), None)
+                self._base.pop(e, None)
 
     def project(self, expiry: str, strike: float, indicators: tuple[int, ...], mask: tuple[bool, ...],
                 full_mask: bool) -> Bar:
@@ -189,7 +195,21 @@ class Book:
     def base(self, expiry: str, strike: float) -> Bar:
         """The whole bar of (expiry, strike) with the expiry's current ATM and the level relative to it (what
         :meth:`project` restricts to an indicator set; one shared object until the bar or the ATM changes)."""
-        return self.project(expiry, strike, ALL_INDICATORS, _ALL_MASK, True)
+        d = self._base.get(expiry)
+        if d is None:
+            d = self._base[expiry] = {}
+        b = d.get(strike)
+        if b is None:
+            b = d[strike] = self.project(expiry, strike, ALL_INDICATORS, _ALL_MASK, True)
+        return b
+
+    def bases(self, expiry: str) -> dict[float, Bar]:
+        """The :meth:`base` bars of ``expiry`` computed so far, by strike (a strike missing here: call
+        :meth:`base`). Read-only for callers."""
+        d = self._base.get(expiry)
+        if d is None:
+            d = self._base[expiry] = {}
+        return d
 
     def apply(
         self, bars: Iterable[tuple[str, Bar]], bucket_time: int, underlying_price: float
@@ -449,6 +469,7 @@ class ExpiryView:
         if not t and not moved and new_w == old_w:
             return None
         held = self.held
+        bases = book.bases(e)
         ch = ExpiryChange(e, atm)
         if new_w != old_w:
             new_set = set(new_w)
@@ -468,7 +489,7 @@ class ExpiryView:
                 continue
             if not moved and (t is None or s not in t):
                 continue
-            b = book.base(e, s)
+            b = bases.get(s) or book.base(e, s)
             if b is old:
                 continue
             key = (e, s, inds)
