@@ -53,7 +53,7 @@ from services.devstack.redis import free_port, wait_port
 
 U = "NIFTY"
 STEP = 50.0
-LEVELS = [int(x) for x in os.environ.get("OPTMON_BENCH_STREAM_LEVELS", "500,2000,5000").split(",")]
+LEVELS = [int(x) for x in os.environ.get("OPTMON_BENCH_STREAM_LEVELS", "500,1000,2000,5000").split(",")]
 PHASE_S = float(os.environ.get("OPTMON_BENCH_STREAM_PHASE_S", "12"))
 #: Subscribers: "c" = the C client (benchmarks/clients, the default: remote subscribers cost the server's machine
 #: nothing), "python" = grpc.aio clients in CLIENT_PROCS processes on the same 2 cores.
