@@ -293,7 +293,10 @@ def _diff_leg(old: Leg | None, new: Leg | None) -> tuple[bool, Leg | None, Leg |
 
 
 def diff_bar(old: Bar, new: Bar) -> StrikeChange | None:
-    """The change from ``old`` to ``new`` (same strike, projected alike), None when equal."""
+    """The change from ``old`` to ``new`` (same strike, projected alike), None when equal.
+
+    The definition of a strike's change: fan-out derives it from one :class:`BarDiff` per strike for every
+    indicator set (:meth:`BarDiff.project`, tested equal to this on random bars)."""
     if old == new:
         return None
     rc, call, call_held = _diff_leg(old.call, new.call)
