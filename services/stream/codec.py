@@ -11,6 +11,7 @@ import struct
 import time
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from optmon.v1 import market_pb2, query_service_pb2, stream_service_pb2
@@ -18,7 +19,14 @@ from optmon.v1 import market_pb2, query_service_pb2, stream_service_pb2
 from services.common.wire import varint
 from services.stream.domain.fixed import pack_leg
 from services.stream.domain.model import LEG_FIELDS, Bar, Leg
-from services.stream.domain.window import DeltaUpdate, Distribution, ExpiryBars, ExpiryChange, StrikeChange
+from services.stream.domain.window import (
+    DeltaUpdate,
+    Distribution,
+    ExpiryBars,
+    ExpiryChange,
+    LazyBar,
+    StrikeChange,
+)
 
 _LEG_INDEX = {name: i for i, name in enumerate(LEG_FIELDS)}
 #: OptionLeg field number → index into LEG_FIELDS (a FieldDescriptor's number is cheaper to read than its name).
@@ -32,7 +40,7 @@ _DOUBLE = struct.Struct("<d")
 @dataclass(slots=True)
 class BarUpdateIn:
     """A decoded ``BarUpdate`` (times UTC epoch seconds, ``receive_time`` None when unset); its bars stay protobuf
-    until :meth:`bars` converts those of the expiries that are wanted."""
+    until a view uses them (:meth:`lazy_bars`)."""
 
     underlying: str
     sequence: int
@@ -43,11 +51,10 @@ class BarUpdateIn:
     receive_time: float | None
     commit_time: float | None
 
-    def bars(self, expiries: Container[str] | None = None) -> list[tuple[str, Bar]]:
-        """The bars as ``(expiry, Bar)``, only those of ``expiries`` when given."""
-        if expiries is None:
-            return [bar_from_pb(b) for b in self.pb_bars]
-        return [bar_from_pb(b) for b in self.pb_bars if b.expiry in expiries]
+    def lazy_bars(self, expiries: Container[str]) -> list[LazyBar]:
+        """The bars of ``expiries`` as :data:`~services.stream.domain.window.LazyBar` (converted when used)."""
+        return [(b.expiry, b.strike, b.bucket_time.seconds, partial(_bar_only, b))
+                for b in self.pb_bars if b.expiry in expiries]
 
 
 def _ts_seconds(ts: Timestamp) -> float:
@@ -70,6 +77,10 @@ def bar_from_pb(sb: market_pb2.StrikeBar) -> tuple[str, Bar]:
         leg_from_pb(sb.call) if sb.HasField("call") else None,
         leg_from_pb(sb.put) if sb.HasField("put") else None,
     )
+
+
+def _bar_only(sb: market_pb2.StrikeBar) -> Bar:
+    return bar_from_pb(sb)[1]
 
 
 def bar_update_from_bytes(data: bytes) -> BarUpdateIn:

@@ -303,7 +303,7 @@ class _Underlying:
             book = self.books.get(upd.timeframe)
             if book is None:
                 return
-            touched = book.apply(upd.bars(book.wanted_expiries()), upd.bucket_time, upd.underlying_price)
+            touched = book.apply_lazy(upd.lazy_bars(book.wanted_expiries()), upd.bucket_time, upd.underlying_price)
             if self._rolled_over(book):
                 await self._resync("expiry_rollover")
                 return

@@ -11,6 +11,7 @@ import math
 import random
 import struct
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,39 @@ def test_real_day_reconstructs_bit_for_bit_and_mostly_in_fixed_point(real_minute
     assert packed > 20_000
     assert doubles < 0.05 * packed, (doubles, packed)
     assert fixed_bytes > 0.5 * delta_bytes
+
+
+def test_real_day_lazy_bars_give_the_same_deltas_and_snapshots(real_minutes) -> None:  # type: ignore[no-untyped-def]
+    """Fan-out applies BarUpdates with bars converted only when a view uses them (``Book.apply_lazy``); over the
+    real minutes that must give the same deltas and snapshots as applying every converted bar, and convert only the
+    bars the views use."""
+    eager, eager_views, _ = _first_minute(real_minutes)
+    bt0, spot0, bars0 = real_minutes[0]
+    lazy = Book(STEP, 300)
+    made = [0]
+
+    def lazily(bars):  # type: ignore[no-untyped-def]
+        def make(bar: Bar) -> Bar:
+            made[0] += 1
+            return bar
+        return [(e, b.strike, b.bucket_time, partial(make, b)) for e, b in bars]
+
+    lazy.apply_lazy(lazily(bars0), bt0, spot0)
+    lazy_views = _views(lazy)
+    total = 0
+    for bt, spot, bars in real_minutes[1:]:
+        total += len(bars)
+        te = eager.apply(bars, bt, spot)
+        tl = lazy.apply_lazy(lazily(bars), bt, spot)
+        ce: ChangeCache = {}
+        cl: ChangeCache = {}
+        for ve, vl in zip(eager_views, lazy_views, strict=True):
+            de, dl = ve.apply(eager, te, ce), vl.apply(lazy, tl, cl)
+            assert (de is None) == (dl is None)
+            if de is not None and dl is not None:
+                assert codec.delta_to_pb(de) == codec.delta_to_pb(dl)
+            assert ve.snapshot(eager, U) == vl.snapshot(lazy, U)
+    assert made[0] < total / 2, (made[0], total)
 
 
 def test_real_day_conflated_delta_is_relative_to_what_the_lagging_client_holds(real_minutes) -> None:  # type: ignore[no-untyped-def]

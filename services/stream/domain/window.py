@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,10 @@ class DeltaUpdate:
     strike_step: float = 0.0
 
 
+#: A bar received but not converted yet: (expiry, strike, bucket_time UTC epoch s, a function returning the Bar).
+LazyBar = tuple[str, float, int, Callable[[], "Bar"]]
+
+
 class Book:
     """Latest complete bar per (expiry, strike) of one underlying and timeframe.
 
@@ -127,6 +131,9 @@ class Book:
         self.seeded: set[str] = set()
         #: The nearest expiries QueryService chose when none were asked for.
         self.default_expiries: list[str] = []
+        #: Bars of BarUpdates not converted yet (:meth:`apply_lazy`): expiry → strike → (bucket_time, make); they
+        #: stand for ``bars[expiry][strike]`` (stale or absent then) and are converted on first use.
+        self._pending: dict[str, dict[float, tuple[int, Callable[[], Bar]]]] = {}
         #: Projections of the current bars, per (expiry, strike) and indicator set, shared by groups.
         self._proj: dict[tuple[str, float], dict[tuple[int, ...], Bar]] = {}
         #: :meth:`base` bars computed so far, per expiry and strike (forgotten with the projections).
@@ -144,29 +151,59 @@ class Book:
         out.discard("")
         return out
 
-    def _put(self, expiry: str, bar: Bar) -> bool:
+    def _expiry(self, expiry: str) -> tuple[dict[float, Bar], dict[float, tuple[int, Callable[[], Bar]]]]:
         d = self.bars.get(expiry)
         if d is None:
             d = self.bars[expiry] = {}
             self.strikes[expiry] = []
-        held = d.get(bar.strike)
-        if held is not None and (held.bucket_time > bar.bucket_time or held == bar):
-            return False
-        if held is None:
-            bisect.insort(self.strikes[expiry], bar.strike)
-        d[bar.strike] = bar
-        self._proj.pop((expiry, bar.strike), None)
+            self._pending[expiry] = {}
+        return d, self._pending[expiry]
+
+    def _forget(self, expiry: str, strike: float) -> None:
+        self._proj.pop((expiry, strike), None)
         base = self._base.get(expiry)
         if base:
-            base.pop(bar.strike, None)
+            base.pop(strike, None)
+
+    def _put(self, expiry: str, bar: Bar) -> bool:
+        d, pending = self._expiry(expiry)
+        s = bar.strike
+        pend = pending.get(s)
+        if pend is not None:
+            if pend[0] > bar.bucket_time:
+                return False
+            del pending[s]
+        else:
+            held = d.get(s)
+            if held is not None and (held.bucket_time > bar.bucket_time or held == bar):
+                return False
+            if held is None:
+                bisect.insort(self.strikes[expiry], s)
+        d[s] = bar
+        self._forget(expiry, s)
         return True
+
+    def bar(self, expiry: str, strike: float) -> Bar:
+        """The latest bar of (expiry, strike) as received (converted now if it came lazily). KeyError if none."""
+        pending = self._pending.get(expiry)
+        if pending:
+            hit = pending.pop(strike, None)
+            if hit is not None:
+                self.bars[expiry][strike] = hit[1]()
+        return self.bars[expiry][strike]
 
     def _relist(self) -> None:
         """Recompute listed strikes and ATM per expiry; forget projections of expiries whose ATM moved."""
         cut = self.bucket_time - self.carry_s if self.carry_s else None
         for e, strikes in self.strikes.items():
             bars = self.bars[e]
-            listed = strikes if cut is None else [s for s in strikes if bars[s].bucket_time > cut]
+            pending = self._pending[e]
+            if cut is None:
+                listed = strikes
+            elif pending:
+                listed = [s for s in strikes if (pending[s][0] if s in pending else bars[s].bucket_time) > cut]
+            else:
+                listed = [s for s in strikes if bars[s].bucket_time > cut]
             self.listed[e] = listed
             atm = atm_strike(listed, self.underlying_price) if listed and self.underlying_price else 0.0
             if atm != self.atm.get(e):
@@ -184,7 +221,7 @@ class Book:
             d = self._proj[(expiry, strike)] = {}
         b = d.get(indicators)
         if b is None:
-            src = self.bars[expiry][strike]
+            src = self.bar(expiry, strike)
             atm = self.atm.get(expiry, 0.0)
             level = moneyness_level(strike, atm, self.step) if atm else src.moneyness_level
             if atm and (src.atm_strike != atm or src.moneyness_level != level):
@@ -222,6 +259,37 @@ class Book:
         for expiry, bar in bars:
             if self._put(expiry, bar):
                 touched.setdefault(expiry, set()).add(bar.strike)
+        return self._finish(touched, bucket_time, underlying_price)
+
+    def apply_lazy(
+        self, bars: Iterable[LazyBar], bucket_time: int, underlying_price: float
+    ) -> dict[str, set[float]]:
+        """:meth:`apply` for bars converted only when first used (:data:`LazyBar`): most strikes of a BarUpdate are
+        outside every window, and converting a protobuf bar costs ≈ 5 µs. Returns the strikes that got a bar not
+        older than the held one, per expiry (changed or not: unchanged ones give no change when compared)."""
+        touched: dict[str, set[float]] = {}
+        for expiry, strike, bt, make in bars:
+            d, pending = self._expiry(expiry)
+            pend = pending.get(strike)
+            if pend is not None:
+                if pend[0] > bt:
+                    continue
+            else:
+                held = d.get(strike)
+                if held is None:
+                    bisect.insort(self.strikes[expiry], strike)
+                elif held.bucket_time > bt:
+                    continue
+            pending[strike] = (bt, make)
+            self._forget(expiry, strike)
+            t = touched.get(expiry)
+            if t is None:
+                t = touched[expiry] = set()
+            t.add(strike)
+        return self._finish(touched, bucket_time, underlying_price)
+
+    def _finish(self, touched: dict[str, set[float]], bucket_time: int, underlying_price: float
+                ) -> dict[str, set[float]]:
         if bucket_time >= self.bucket_time:
             self.bucket_time = bucket_time
             if underlying_price:
@@ -248,8 +316,7 @@ class Book:
         for e in dist.expiries:
             for bar in e.bars:
                 self._put(e.expiry, bar)
-            self.bars.setdefault(e.expiry, {})
-            self.strikes.setdefault(e.expiry, [])
+            self._expiry(e.expiry)
             self.seeded.add(e.expiry)
         if dist.bucket_time >= self.bucket_time:
             self.bucket_time = dist.bucket_time
