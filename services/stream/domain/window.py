@@ -266,8 +266,12 @@ class Book:
     ) -> dict[str, set[float]]:
         """:meth:`apply` for bars converted only when first used (:data:`LazyBar`): most strikes of a BarUpdate are
         outside every window, and converting a protobuf bar costs ≈ 5 µs. Returns the strikes that got a bar not
-        older than the held one, per expiry (changed or not: unchanged ones give no change when compared)."""
+        older than the held one, per expiry (changed or not: unchanged ones give no change when compared).
+
+        Bars still unconverted from the previous update and not replaced now are converted here, so that no more
+        than one update's protobuf message is kept alive by unconverted bars."""
         touched: dict[str, set[float]] = {}
+        left = [(e, list(p)) for e, p in self._pending.items() if p]
         for expiry, strike, bt, make in bars:
             d, pending = self._expiry(expiry)
             pend = pending.get(strike)
@@ -286,6 +290,11 @@ class Book:
             if t is None:
                 t = touched[expiry] = set()
             t.add(strike)
+        for e, strikes in left:
+            now = touched.get(e, ())
+            for s in strikes:
+                if s not in now:
+                    self.bar(e, s)
         return self._finish(touched, bucket_time, underlying_price)
 
     def _finish(self, touched: dict[str, set[float]], bucket_time: int, underlying_price: float
