@@ -106,7 +106,12 @@ class DeltaUpdate:
 
 
 #: A bar received but not converted yet: (expiry, strike, bucket_time UTC epoch s, a function returning the Bar).
-LazyBar = tuple[str, float, int, Callable[[], "Bar"]]
+LazyBar = tuple[str, float, int, Callable[[], Bar]]
+
+
+def _given(bar: Bar) -> Callable[[], Bar]:
+    """A LazyBar's function for a bar already converted."""
+    return lambda: bar
 
 
 class Book:
@@ -165,22 +170,21 @@ class Book:
         if base:
             base.pop(strike, None)
 
-    def _put(self, expiry: str, bar: Bar) -> bool:
+    def _store(self, expiry: str, strike: float, bucket_time: int, make: Callable[[], Bar]) -> bool:
+        """Hold a bar (unconverted until used) unless the one held is of a later bucket; True when held."""
         d, pending = self._expiry(expiry)
-        s = bar.strike
-        pend = pending.get(s)
+        pend = pending.get(strike)
         if pend is not None:
-            if pend[0] > bar.bucket_time:
+            if pend[0] > bucket_time:
                 return False
-            del pending[s]
         else:
-            held = d.get(s)
-            if held is not None and (held.bucket_time > bar.bucket_time or held == bar):
-                return False
+            held = d.get(strike)
             if held is None:
-                bisect.insort(self.strikes[expiry], s)
-        d[s] = bar
-        self._forget(expiry, s)
+                bisect.insort(self.strikes[expiry], strike)
+            elif held.bucket_time > bucket_time:
+                return False
+        pending[strike] = (bucket_time, make)
+        self._forget(expiry, strike)
         return True
 
     def bar(self, expiry: str, strike: float) -> Bar:
@@ -198,12 +202,8 @@ class Book:
         for e, strikes in self.strikes.items():
             bars = self.bars[e]
             pending = self._pending[e]
-            if cut is None:
-                listed = strikes
-            elif pending:
-                listed = [s for s in strikes if (pending[s][0] if s in pending else bars[s].bucket_time) > cut]
-            else:
-                listed = [s for s in strikes if bars[s].bucket_time > cut]
+            listed = strikes if cut is None else [
+                s for s in strikes if (pending[s][0] if s in pending else bars[s].bucket_time) > cut]
             self.listed[e] = listed
             atm = atm_strike(listed, self.underlying_price) if listed and self.underlying_price else 0.0
             if atm != self.atm.get(e):
@@ -251,45 +251,28 @@ class Book:
     def apply(
         self, bars: Iterable[tuple[str, Bar]], bucket_time: int, underlying_price: float
     ) -> dict[str, set[float]]:
-        """Apply complete bars of one BarUpdate; returns the strikes whose bar changed, per expiry.
-
-        A bar older (by bucket) than the one held is ignored.
-        """
-        touched: dict[str, set[float]] = {}
-        for expiry, bar in bars:
-            if self._put(expiry, bar):
-                touched.setdefault(expiry, set()).add(bar.strike)
-        return self._finish(touched, bucket_time, underlying_price)
+        """:meth:`apply_lazy` for bars already converted."""
+        return self.apply_lazy([(e, b.strike, b.bucket_time, _given(b)) for e, b in bars], bucket_time,
+                               underlying_price)
 
     def apply_lazy(
         self, bars: Iterable[LazyBar], bucket_time: int, underlying_price: float
     ) -> dict[str, set[float]]:
-        """:meth:`apply` for bars converted only when first used (:data:`LazyBar`): most strikes of a BarUpdate are
-        outside every window, and converting a protobuf bar costs ≈ 5 µs. Returns the strikes that got a bar not
-        older than the held one, per expiry (changed or not: unchanged ones give no change when compared).
+        """Apply the complete bars of one BarUpdate, each converted only when first used (:data:`LazyBar`): most
+        strikes of a BarUpdate are outside every window, and converting a protobuf bar costs ≈ 5 µs. A bar older
+        (by bucket) than the one held is ignored. Returns the strikes that got a bar, per expiry (changed or not:
+        unchanged ones give no change when compared).
 
         Bars still unconverted from the previous update and not replaced now are converted here, so that no more
         than one update's protobuf message is kept alive by unconverted bars."""
         touched: dict[str, set[float]] = {}
         left = [(e, list(p)) for e, p in self._pending.items() if p]
         for expiry, strike, bt, make in bars:
-            d, pending = self._expiry(expiry)
-            pend = pending.get(strike)
-            if pend is not None:
-                if pend[0] > bt:
-                    continue
-            else:
-                held = d.get(strike)
-                if held is None:
-                    bisect.insort(self.strikes[expiry], strike)
-                elif held.bucket_time > bt:
-                    continue
-            pending[strike] = (bt, make)
-            self._forget(expiry, strike)
-            t = touched.get(expiry)
-            if t is None:
-                t = touched[expiry] = set()
-            t.add(strike)
+            if self._store(expiry, strike, bt, make):
+                t = touched.get(expiry)
+                if t is None:
+                    t = touched[expiry] = set()
+                t.add(strike)
         for e, strikes in left:
             now = touched.get(e, ())
             for s in strikes:
@@ -324,7 +307,7 @@ class Book:
         """Load a snapshot (bars not older than the held ones win) and mark ``asked`` expiries as seeded."""
         for e in dist.expiries:
             for bar in e.bars:
-                self._put(e.expiry, bar)
+                self._store(e.expiry, bar.strike, bar.bucket_time, _given(bar))
             self._expiry(e.expiry)
             self.seeded.add(e.expiry)
         if dist.bucket_time >= self.bucket_time:
@@ -346,43 +329,6 @@ class Book:
                 return []
             lo, hi = atm - flt.strikes_around_atm * self.step, atm + flt.strikes_around_atm * self.step
         return strikes[bisect.bisect_left(strikes, lo - _EPS): bisect.bisect_right(strikes, hi + _EPS)]
-
-
-def _diff_leg(old: Leg | None, new: Leg | None) -> tuple[bool, Leg | None, Leg | None]:
-    """(needs_replacement, partial leg of changed values or None when unchanged, the held values of those fields)."""
-    if old == new:
-        return False, None, None
-    if old is None or new is None:
-        return True, None, None
-    out: list[float | int | None] = []
-    held: list[float | int | None] = []
-    for o, n in zip(old, new, strict=True):
-        if o == n:
-            out.append(None)
-            held.append(None)
-        elif n is None:
-            return True, None, None
-        else:
-            out.append(n)
-            held.append(o)
-    return False, tuple(out), tuple(held)
-
-
-def diff_bar(old: Bar, new: Bar) -> StrikeChange | None:
-    """The change from ``old`` to ``new`` (same strike, projected alike), None when equal.
-
-    The definition of a strike's change: fan-out derives it from one :class:`BarDiff` per strike for every
-    indicator set (:meth:`BarDiff.project`, tested equal to this on random bars)."""
-    if old == new:
-        return None
-    rc, call, call_held = _diff_leg(old.call, new.call)
-    rp, put, put_held = _diff_leg(old.put, new.put)
-    if rc or rp:
-        return full_change(new)
-    moved = old.atm_strike != new.atm_strike or old.moneyness_level != new.moneyness_level
-    return StrikeChange(new.strike, False, new.bucket_time, new.underlying_close,
-                        new.atm_strike if moved else None, new.moneyness_level if moved else None, call, put,
-                        call_held, put_held)
 
 
 def full_change(bar: Bar) -> StrikeChange:
@@ -447,8 +393,9 @@ class BarDiff:
 
     def project(self, mask: int) -> tuple[bool, StrikeChange | None]:
         """The change as seen by an indicator set (``mask``: bit i set when it selects LEG_FIELDS[i]): exactly what
-        :func:`diff_bar` gives for the two bars restricted to it, as ``(False, change or None when equal)``, or
-        ``(True, None)`` for a replacement (the change is then the whole new bar so restricted, :func:`full_change`).
+        comparing the two bars restricted to it field by field gives (the reference in
+        tests/unit/test_stream_fixed_point.py), as ``(False, change or None when equal)``, or ``(True, None)`` for
+        a replacement (the change is then the whole new bar so restricted, :func:`full_change`).
         """
         rc, call, call_held, call_fixed = self._leg(self.call, self.old.call, self.new.call, mask)
         rp, put, put_held, put_fixed = self._leg(self.put, self.old.put, self.new.put, mask)
