@@ -16,6 +16,10 @@ Results:
     (their snapshot size per update) ÷ Σ bytes received as deltas.
   - ``stream.delta_vs_full_chain_ratio``: the predecessor's design (every strike of every expiry to every client,
     i.e. the full chain per update; measured as protobuf, smaller than its JSON) ÷ the mean delta received.
+  - ``stream.tick_to_subscriber_p50_ms_2000_over_2_replicas`` / ``_p99_``: after the ramp, the same 2,000-subscriber
+    mix split evenly over two stream processes on this machine (the issue's "any number of replicas"; each reads
+    every BarUpdate), one C client process each; baseline: the one-process figure at 2,000 of the same run.
+    ``OPTMON_BENCH_STREAM_REPLICAS=1`` skips this phase.
 
 Subscribers are the C client of benchmarks/clients (``OPTMON_BENCH_STREAM_CLIENT=c``, default: on this 2-core machine
 a grpc.aio client process costs as much CPU per message as the server, which a remote subscriber would not) or
@@ -64,6 +68,9 @@ C_PROBE_EVERY = 10
 PROBES_PER_PROC = 60
 SUBS_PER_CHANNEL = 400
 RAMP_CHUNK = 250
+#: The replicas phase: REPLICAS_SUBS subscribers split over REPLICAS stream processes (REPLICAS=1: no such phase).
+REPLICAS = int(os.environ.get("OPTMON_BENCH_STREAM_REPLICAS", "2"))
+REPLICAS_SUBS = 2000
 DAY_FILE = Path("nifty-oc-1min-2026-08") / "nifty_oc_1min_2026-08-18.csv.gz"
 
 
@@ -494,6 +501,87 @@ async def grpc_floor(n_subs: int, message_bytes: int, phase_s: float, kind: str,
             "msgs_per_s": msgs / phase_s}
 
 
+class _StreamProc:
+    """One ``python -m services.stream`` process on a free port (Redis and QueryService stand-in given), with its
+    Prometheus endpoint."""
+
+    def __init__(self, ctx: Any, qport: int) -> None:
+        self.port, self.mport = free_port(), free_port()
+        env = {**os.environ, "OPTMON_REDIS_URL": ctx.redis_url, "OPTMON_QUERY_ADDR": f"127.0.0.1:{qport}",
+               "OPTMON_STREAM_PORT": str(self.port), "OPTMON_LOG_LEVEL": "WARNING",
+               "OPTMON_METRICS_PORT": str(self.mport)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.stream"], env=env, cwd=str(ctx.root))
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def ready(self) -> None:
+        await asyncio.to_thread(wait_port, self.port, 30.0)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def _measure(pools: list[_Pool], procs: list[_StreamProc], publish_times: dict[int, float]
+                   ) -> dict[str, Any]:
+    """One measuring phase (PHASE_S) over the subscribers of ``pools`` served by ``procs``: counters reset first;
+    latency = publish → receipt of the probe streams' unconflated Deltas."""
+    await asyncio.gather(*[p.reset() for p in pools])
+    m0 = [await asyncio.to_thread(_server_metrics, sp.mport) for sp in procs]
+    cpu0 = [_cpu_s(sp.proc.pid) for sp in procs]
+    p_start = time.monotonic()
+    await asyncio.sleep(PHASE_S)
+    stats = [st for p in pools for st in await p.stats()]
+    m1 = [await asyncio.to_thread(_server_metrics, sp.mport) for sp in procs]
+    elapsed = time.monotonic() - p_start
+    cpu_pct = sum(100 * (_cpu_s(sp.proc.pid) - c0) / elapsed for sp, c0 in zip(procs, cpu0, strict=True))
+
+    def dm(key: str) -> float:
+        return sum(b[key] - a[key] for a, b in zip(m0, m1, strict=True))
+
+    lat = [(now - publish_times[bt]) * 1000 for s in stats for bt, now in s["lat"] if bt in publish_times]
+    return {
+        "snapped": sum(s["snapped"] for s in stats), "with_deltas": sum(s["with_deltas"] for s in stats),
+        "msgs_per_s": sum(s["msgs"] for s in stats) / elapsed,
+        "full_equiv": sum(s["full_equiv"] for s in stats), "delta_bytes": sum(s["delta_bytes"] for s in stats),
+        "deltas": sum(s["msgs"] for s in stats), "errors": sum(s["errors"] for s in stats),
+        "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+        "rss": sum(_rss_mib(sp.proc.pid) for sp in procs), "n_lat": len(lat),
+        "server_handoff_mean_ms": 1000 * dm("lat_sum") / max(1.0, dm("lat_n")),
+        "groups": sum(m["groups"] for m in m1),
+        "update_compute_mean_ms": 1000 * dm("upd_s_sum") / max(1.0, dm("upd_s_n")),
+        "encodings_per_update": dm("enc") / max(1.0, dm("upd")),
+        "conflated": dm("conflated"), "cpu_pct": cpu_pct,
+        "last_error": next((s["last_error"] for s in stats if s["last_error"]), ""),
+        "finished": sum(s["finished"] for s in stats),
+    }
+
+
+async def _replicas_phase(ctx: Any, qport: int, n_subs: int, expiries: list[str],
+                          publish_times: dict[int, float]) -> dict[str, Any]:
+    """``n_subs`` subscribers (the same realistic mix) split evenly over REPLICAS stream processes on this machine,
+    each reading the same BarUpdates (the issue's "any number of replicas"); one C client process per replica."""
+    procs = [_StreamProc(ctx, qport) for _ in range(REPLICAS)]
+    pools: list[_Pool] = []
+    try:
+        await asyncio.gather(*[sp.ready() for sp in procs])
+        pools = [_new_pool(CLIENT_KIND, sp.addr, Path(ctx.work_dir)) for sp in procs]
+        reqs = realistic_requests(n_subs, expiries, seed=n_subs)
+        await asyncio.gather(*[_ramp(pool, reqs[i::REPLICAS], 0) for i, pool in enumerate(pools)])
+        await asyncio.sleep(2.0)
+        return await _measure(pools, procs, publish_times)
+    finally:
+        for pool in pools:
+            await pool.stop()
+        for sp in procs:
+            sp.stop()
+
+
 async def run(ctx: Any) -> list[Result]:
     """Ramp subscribers against one stream process while the real day flows at 60×; see the module doc."""
     from services.stream.testing import BarPublisher, start_stub_query
@@ -519,10 +607,7 @@ async def run(ctx: Any) -> list[Result]:
     await publish_one()
     full_chain_bytes = len(pub.build(U, 1, t0, minutes[0][0], bars_of(minutes[0], t0)).SerializeToString())
 
-    port, mport = free_port(), free_port()
-    env = {**os.environ, "OPTMON_REDIS_URL": ctx.redis_url, "OPTMON_QUERY_ADDR": f"127.0.0.1:{qport}",
-           "OPTMON_STREAM_PORT": str(port), "OPTMON_LOG_LEVEL": "WARNING", "OPTMON_METRICS_PORT": str(mport)}
-    proc = subprocess.Popen([sys.executable, "-m", "services.stream"], env=env, cwd=str(ctx.root))  # noqa: ASYNC220
+    sproc = _StreamProc(ctx, qport)
     results: list[Result] = []
     pool: _Pool | None = None
     running = True
@@ -535,9 +620,10 @@ async def run(ctx: Any) -> list[Result]:
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
 
     tick_task: asyncio.Task[None] | None = None
+    replicas: dict[str, Any] | None = None
     try:
-        await asyncio.to_thread(wait_port, port, 30.0)
-        pool = _new_pool(CLIENT_KIND, f"127.0.0.1:{port}", Path(ctx.work_dir))
+        await sproc.ready()
+        pool = _new_pool(CLIENT_KIND, sproc.addr, Path(ctx.work_dir))
         tick_task = asyncio.create_task(ticker())
         level_stats: dict[int, dict[str, Any]] = {}
         have = 0
@@ -545,35 +631,14 @@ async def run(ctx: Any) -> list[Result]:
             await _ramp(pool, realistic_requests(level - have, expiries[:3], seed=level), have)
             have = level
             await asyncio.sleep(2.0)
-            await pool.reset()
-            m0 = await asyncio.to_thread(_server_metrics, mport)
-            cpu0 = _cpu_s(proc.pid)
-            p_start = time.monotonic()
-            await asyncio.sleep(PHASE_S)
-            stats = await pool.stats()
-            m1 = await asyncio.to_thread(_server_metrics, mport)
-            elapsed = time.monotonic() - p_start
-            cpu_pct = 100 * (_cpu_s(proc.pid) - cpu0) / elapsed
-            rss = _rss_mib(proc.pid)
-            lat = [(now - publish_times[bt]) * 1000 for s in stats for bt, now in s["lat"] if bt in publish_times]
-            agg = {
-                "snapped": sum(s["snapped"] for s in stats), "with_deltas": sum(s["with_deltas"] for s in stats),
-                "msgs_per_s": sum(s["msgs"] for s in stats) / elapsed,
-                "full_equiv": sum(s["full_equiv"] for s in stats), "delta_bytes": sum(s["delta_bytes"] for s in stats),
-                "deltas": sum(s["msgs"] for s in stats), "errors": sum(s["errors"] for s in stats),
-                "p50": percentile(lat, 50), "p99": percentile(lat, 99), "rss": rss, "n_lat": len(lat),
-                "server_handoff_mean_ms":
-                    1000 * (m1["lat_sum"] - m0["lat_sum"]) / max(1.0, m1["lat_n"] - m0["lat_n"]),
-                "groups": m1["groups"],
-                "update_compute_mean_ms":
-                    1000 * (m1["upd_s_sum"] - m0["upd_s_sum"]) / max(1.0, m1["upd_s_n"] - m0["upd_s_n"]),
-                "encodings_per_update": (m1["enc"] - m0["enc"]) / max(1.0, m1["upd"] - m0["upd"]),
-                "conflated": m1["conflated"] - m0["conflated"], "cpu_pct": cpu_pct,
-                "last_error": next((s["last_error"] for s in stats if s["last_error"]), ""),
-                "finished": sum(s["finished"] for s in stats),
-            }
-            level_stats[level] = agg
+            agg = level_stats[level] = await _measure([pool], [sproc], publish_times)
             print(f"   stream level {level}: {agg}", flush=True)
+        await pool.stop()
+        pool = None
+        sproc.stop()
+        if REPLICAS > 1:
+            replicas = await _replicas_phase(ctx, qport, REPLICAS_SUBS, expiries[:3], publish_times)
+            print(f"   stream {REPLICAS} replicas, {REPLICAS_SUBS} subscribers: {replicas}", flush=True)
         # a level is served when every subscriber got its snapshot, every one kept receiving updates, no stream
         # failed, and the deliveries kept pace with the updates (>= 95 % of subscribers x 1 update/s)
         ok = [lv for lv, a in level_stats.items()
@@ -611,14 +676,10 @@ async def run(ctx: Any) -> list[Result]:
             await asyncio.gather(tick_task, return_exceptions=True)
         if pool is not None:
             await pool.stop()
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        sproc.stop()
         await qserver.stop(None)
         await pub.close()
-    # the same clients against a bare grpc.aio fan-out (the floor), after the stream process is gone
+    # the same clients against a bare grpc.aio fan-out (the floor), after the stream processes are gone
     a = level_stats[at]
     floor = await grpc_floor(at, int(mean_delta), PHASE_S, CLIENT_KIND, Path(ctx.work_dir))
     print(f"   grpc floor at {at}: {floor}", flush=True)
@@ -631,6 +692,18 @@ async def run(ctx: Any) -> list[Result]:
     results.append(Result(f"stream.server_cpu_us_per_msg_at_{at}", 1e4 * a["cpu_pct"] / max(1.0, a["msgs_per_s"]),
                           "us", baseline=floor["us_per_msg"],
                           note="stream process CPU per delivered message; baseline: the bare grpc.aio floor"))
+    if replicas is not None:
+        rnote = (f"{REPLICAS_SUBS} subscribers split over {REPLICAS} stream processes on this 2-core machine "
+                 f"({REPLICAS_SUBS // REPLICAS} each, same mix); baseline: one process with {at}")
+        results.append(Result(f"stream.tick_to_subscriber_p50_ms_{REPLICAS_SUBS}_over_{REPLICAS}_replicas",
+                              replicas["p50"], "ms", baseline=a["p50"] if at == REPLICAS_SUBS else None,
+                              note=rnote))
+        results.append(Result(f"stream.tick_to_subscriber_p99_ms_{REPLICAS_SUBS}_over_{REPLICAS}_replicas",
+                              replicas["p99"], "ms", baseline=a["p99"] if at == REPLICAS_SUBS else None,
+                              note=rnote))
+        served = replicas["snapped"] >= REPLICAS_SUBS and replicas["with_deltas"] >= REPLICAS_SUBS
+        if not served or replicas["errors"]:
+            raise RuntimeError(f"replicas phase: not every subscriber served: {replicas}")
     return results
 
 
