@@ -3,6 +3,7 @@ consistent with what the services really read (settings), listen on (ports, prob
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,13 +34,20 @@ SETTINGS: dict[str, type[CommonSettings]] = {
 PORT_FIELD = {"ingest": "ingest_port", "query": "query_port", "stream": "stream_port"}
 
 
-def _kustomize(overlay: str) -> list[dict[str, Any]]:
+def _kustomize(overlay: str | Path) -> list[dict[str, Any]]:
+    """The documents of an overlay of deploy/k8s (by name) or of a kustomization folder."""
+    path = overlay if isinstance(overlay, Path) else ROOT / "deploy" / "k8s" / "overlays" / overlay
     out = subprocess.run(
-        [str(BIN / "kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone",
-         str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+        [str(BIN / "kubectl"), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(path)],
         check=True, capture_output=True, text=True,
     ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _validate(path: Path, version: str) -> None:
+    r = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -56,9 +64,40 @@ def overlay(
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_overlay_validates_strict(overlay: tuple[str, Path, list[dict[str, Any]]], version: str) -> None:
     _, path, _ = overlay
-    r = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    _validate(path, version)
+
+
+COMPONENTS = sorted(p.name for p in (ROOT / "deploy" / "k8s" / "components").iterdir() if p.is_dir())
+
+
+def _hpa_metrics(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == name)
+    return list(hpa["spec"]["metrics"])
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_component_on_prod_validates_strict(component: str, tmp_path: Path) -> None:
+    """Each optional component of deploy/k8s/components, added to the prod overlay as its docs say, builds and
+    validates; the subscriber-scaling one adds exactly its pods metric, named as the gauge the stream service
+    exports, to the stream HPA only."""
+    k8s = ROOT / "deploy" / "k8s"
+    rel = Path(os.path.relpath(k8s, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(rel / "overlays" / "prod")], "components": [str(rel / "components" / component)]}))
+    docs = _kustomize(tmp_path)
+    out = tmp_path / "built.yaml"
+    out.write_text(yaml.safe_dump_all(docs))
+    _validate(out, K8S_VERSIONS[-1])
+    prod = _kustomize("prod")
+    if component != "stream-subscriber-scaling":
+        return
+    from services.stream.metrics import SUBSCRIBERS
+
+    added = [m for m in _hpa_metrics(docs, "stream") if m not in _hpa_metrics(prod, "stream")]
+    assert added == [{"type": "Pods", "pods": {"metric": {"name": SUBSCRIBERS.describe()[0].name},
+                                               "target": {"type": "AverageValue", "averageValue": "1000"}}}]
+    assert _hpa_metrics(docs, "query") == _hpa_metrics(prod, "query")
 
 
 def _deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
