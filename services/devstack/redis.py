@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -11,12 +12,52 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Where :func:`free_port` looks first: registered ports below Linux's default ephemeral range (32768–60999), clear
+#: of the stack's default ports (8080, 9101–9103, 9901, 50051–50053, 55432, 56379).
+_QUIET_PORTS = (20000, 32768)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (inclusive)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now, for a server the caller starts next (tests, benchmarks).
+
+    Taken outside the kernel's ephemeral range when it can be: a port from ``bind(0)`` lies inside it, so an outgoing
+    connection made before the server binds (the stack makes dozens while it starts) could take it as its local port
+    and the server would fail with "address in use" (seen in CI). Never the same port twice in one process.
+    """
+    lo, hi = _ephemeral_range()
+    quiet = [p for p in range(*_QUIET_PORTS) if not lo <= p <= hi]
+    rnd = random.Random()
+    for _ in range(100 if quiet else 0):
+        port = rnd.choice(quiet)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+    while True:  # no quiet ports on this machine: the kernel's choice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
