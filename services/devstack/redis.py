@@ -27,10 +27,12 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def _bindable(port: int) -> bool:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``host:port`` and it can be bound."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
@@ -48,7 +50,7 @@ def free_port() -> int:
     rnd = random.Random()
     for _ in range(100 if quiet else 0):
         port = rnd.choice(quiet)
-        if port not in _handed_out and _bindable(port):
+        if port not in _handed_out and port_free(port):
             _handed_out.add(port)
             return port
     while True:  # no quiet ports on this machine: the kernel's choice

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from services.devstack.pg import PgCluster, postgres_can_use
-from services.devstack.redis import RedisServer
+from services.devstack.redis import RedisServer, port_free
 
 #: Repository root (the working directory of every child, so ``python -m services.<svc>`` resolves).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -118,17 +117,6 @@ class StackConfig:
         return cls(state_dir=Path(state_dir), host=env.get("OPTMON_HOST", "127.0.0.1"), ports=ports,
                    pg_dsn=env.get("OPTMON_PG_DSN") or None, redis_url=env.get("OPTMON_REDIS_URL") or None,
                    **overrides)
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on ``host:port`` and it can be bound."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass
