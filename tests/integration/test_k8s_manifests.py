@@ -89,11 +89,11 @@ def test_component_on_prod_validates_strict(component: str, tmp_path: Path) -> N
     out = tmp_path / "built.yaml"
     out.write_text(yaml.safe_dump_all(docs))
     _validate(out, K8S_VERSIONS[-1])
-    prod = _kustomize("prod")
     if component != "stream-subscriber-scaling":
         return
     from services.stream.metrics import SUBSCRIBERS
 
+    prod = _kustomize("prod")
     added = [m for m in _hpa_metrics(docs, "stream") if m not in _hpa_metrics(prod, "stream")]
     assert added == [{"type": "Pods", "pods": {"metric": {"name": SUBSCRIBERS.describe()[0].name},
                                                "target": {"type": "AverageValue", "averageValue": "1000"}}}]
