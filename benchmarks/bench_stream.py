@@ -562,6 +562,13 @@ async def _measure(pools: list[_Pool], procs: list[_StreamProc], publish_times: 
     }
 
 
+def _served(agg: dict[str, Any], n_subs: int) -> bool:
+    """A phase served its ``n_subs`` subscribers: every one got its snapshot and kept receiving updates, no stream
+    failed, and the deliveries kept pace with the updates (>= 95 % of subscribers x 1 update/s)."""
+    return (agg["snapped"] >= n_subs and agg["with_deltas"] >= n_subs and not agg["errors"]
+            and agg["msgs_per_s"] >= 0.95 * n_subs)
+
+
 async def _replicas_phase(ctx: Any, qport: int, n_subs: int, expiries: list[str],
                           publish_times: dict[int, float]) -> dict[str, Any]:
     """``n_subs`` subscribers (the same realistic mix) split evenly over REPLICAS stream processes on this machine,
@@ -638,10 +645,7 @@ async def run(ctx: Any) -> list[Result]:
         if REPLICAS > 1:
             replicas = await _replicas_phase(ctx, qport, REPLICAS_SUBS, expiries[:3], publish_times)
             print(f"   stream {REPLICAS} replicas, {REPLICAS_SUBS} subscribers: {replicas}", flush=True)
-        # a level is served when every subscriber got its snapshot, every one kept receiving updates, no stream
-        # failed, and the deliveries kept pace with the updates (>= 95 % of subscribers x 1 update/s)
-        ok = [lv for lv, a in level_stats.items()
-              if a["snapped"] >= lv and a["with_deltas"] >= lv and not a["errors"] and a["msgs_per_s"] >= 0.95 * lv]
+        ok = [lv for lv, a in level_stats.items() if _served(a, lv)]
         top = max(level_stats)
         results.append(Result("stream.subscribers_max", float(max(ok) if ok else 0), "subs", goal=">= 5000",
                               note=f"ramp {LEVELS}: all subscribed, all receiving, deliveries >= 95% of "
@@ -694,9 +698,9 @@ async def run(ctx: Any) -> list[Result]:
     if replicas is not None:
         rnote = (f"{REPLICAS_SUBS} subscribers split over {REPLICAS} stream processes on this 2-core machine "
                  f"({REPLICAS_SUBS // REPLICAS} each, same mix); baseline: one process with {at}")
-        if replicas["snapped"] < REPLICAS_SUBS or replicas["with_deltas"] < REPLICAS_SUBS or replicas["errors"]:
+        if not _served(replicas, REPLICAS_SUBS):
             rnote += (f"; NOT ALL SERVED: {replicas['snapped']} snapshots, {replicas['with_deltas']} receiving, "
-                      f"{replicas['errors']} errors ({replicas['last_error']})")
+                      f"{replicas['errors']} errors, {replicas['msgs_per_s']:.0f} msg/s ({replicas['last_error']})")
         results.append(Result(f"stream.tick_to_subscriber_p50_ms_{REPLICAS_SUBS}_over_{REPLICAS}_replicas",
                               replicas["p50"], "ms", baseline=a["p50"] if at == REPLICAS_SUBS else None,
                               note=rnote))

@@ -47,9 +47,8 @@ def free_port() -> int:
     """
     lo, hi = _ephemeral_range()
     quiet = [p for p in range(*_QUIET_PORTS) if not lo <= p <= hi]
-    rnd = random.Random()
     for _ in range(100 if quiet else 0):
-        port = rnd.choice(quiet)
+        port = random.choice(quiet)
         if port not in _handed_out and port_free(port):
             _handed_out.add(port)
             return port

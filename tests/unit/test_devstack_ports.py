@@ -35,3 +35,9 @@ def test_without_quiet_ports_the_kernel_chooses(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(devredis, "_ephemeral_range", lambda: (1024, 65535))
     ports = [devredis.free_port() for _ in range(50)]
     assert len(set(ports)) == 50 and all(devredis.port_free(p) for p in ports)
+
+
+def test_a_range_covering_part_of_the_quiet_ports_leaves_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devredis, "_ephemeral_range", lambda: (1024, 25000))
+    ports = [devredis.free_port() for _ in range(50)]
+    assert all(25000 < p < devredis._QUIET_PORTS[1] for p in ports)
